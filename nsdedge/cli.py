@@ -1,0 +1,269 @@
+"""The `nsdedge` command. Heavy modules are imported inside the command that needs them.
+
+The library raises NsdedgeError; here it becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import InputError, NsdedgeError
+
+log = logging.getLogger("nsdedge")
+
+SCHEDULERS = ("ddim", "dpm", "euler")
+PROVIDER_NAMES = ("auto", "cpu", "cuda", "tensorrt")
+DEFAULT_PRESET = "tiny"
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nsdedge")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """fMRI-to-image reconstruction: NSD voxels -> IP-Adapter-Plus tokens -> Stable Diffusion 1.5."""
+    _setup_logging(verbose)
+
+
+# -- export -----------------------------------------------------------------------------------------
+def _parse_decoders(values: tuple[str, ...]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for v in values:
+        subject, sep, path = v.partition("=")
+        if not sep or not subject or not path:
+            raise InputError(f"--decoder {v!r}: expected SUBJECT=FILE, e.g. subj01=decoder.safetensors")
+        if subject in out:
+            raise InputError(f"--decoder: subject {subject!r} given twice")
+        out[subject] = Path(path)
+    return out
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(["tiny", "sd15-random"]), help="Random-weight models; no weights needed.")
+@click.option("--sd", "sd", type=click.Path(path_type=Path), help="SD 1.5 diffusers folder.")
+@click.option("--ip-adapter", type=click.Path(path_type=Path), help="ip-adapter-plus_sd15 .bin or .safetensors.")
+@click.option("--image-encoder", type=click.Path(path_type=Path), help="CLIP ViT-H vision folder (transformers).")
+@click.option("--decoder", "decoders", multiple=True, metavar="SUBJECT=FILE", help="A fitted decoder; repeatable.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--calibration-voxels", type=click.Path(path_type=Path), help="Real trials to calibrate int8 on.")
+@click.option("--target", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--resolution", type=int, help="Image side in pixels (default: the model's, 512 for SD 1.5).")
+@click.option("--prompt", default=None, help="Text encoded once at export (IP-Adapter's default).")
+@click.option("--negative-prompt", default=None, help="Negative text encoded once at export.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a preset's random weights.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
+def export(preset, sd, ip_adapter, image_encoder, decoders, precision, calibration_voxels, target, resolution,
+           prompt, negative_prompt, seed, force, out):
+    """Export decoders, the IP-token UNet and the VAE decoder to a verified ONNX bundle."""
+    if out.exists() and not force:
+        raise InputError(f"{out} exists; pass --force to replace it")
+    if target == "tensorrt":
+        raise NsdedgeError("--target tensorrt is not available yet: export an onnx bundle and run it with "
+                           "--provider tensorrt on the target GPU")
+    if bool(preset) == bool(sd):
+        raise InputError("give either --preset or --sd (with --ip-adapter and --image-encoder)")
+    if sd and not (ip_adapter and image_encoder):
+        raise InputError("--sd needs --ip-adapter and --image-encoder too")
+    if resolution is not None and resolution <= 0:
+        raise InputError(f"--resolution must be positive, got {resolution}")
+    decoder_files = _parse_decoders(decoders)
+    if calibration_voxels is not None and not calibration_voxels.is_file():
+        raise InputError(f"{calibration_voxels}: no such calibration voxel file")
+
+    t0 = time.perf_counter()
+
+    def progress(step: str) -> None:
+        click.echo(f"[{time.perf_counter() - t0:7.1f}s] {step}", err=True)
+
+    progress("loading weights")
+    try:
+        from .decoders.linear import read_decoder
+        from .export.build import export_bundle
+        from .export.presets import build_preset
+        from .export.sources import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, load_sources
+    except ImportError as e:
+        raise NsdedgeError(f"export needs the export extra ({e.name} is missing): pip install 'nsdedge[export]'") from None
+    decs = [read_decoder(p) for p in decoder_files.values()]
+    for (subject, _), dec in zip(decoder_files.items(), decs):
+        dec.subject = subject
+    if preset:
+        src = build_preset(preset, seed=seed)
+        src.decoders += decs
+        src.provenance.update({f"decoder-{s}": str(p) for s, p in decoder_files.items()})
+    else:
+        if not decs:
+            raise InputError("give at least one --decoder SUBJECT=FILE (fit one with `nsdedge fit`)")
+        src = load_sources(sd, ip_adapter, image_encoder, decs, decoder_files)
+    subjects = [d.subject for d in src.decoders]
+    if len(set(subjects)) != len(subjects):
+        raise InputError(f"two decoders for the same subject in {subjects}")
+    m = export_bundle(src, out, precision=precision, resolution=resolution,
+                      prompt=prompt if prompt is not None else DEFAULT_PROMPT,
+                      negative_prompt=negative_prompt if negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
+                      force=force, calibration_voxels=calibration_voxels, progress=progress)
+    click.echo(_summary(out, m))
+
+
+# -- info -------------------------------------------------------------------------------------------
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _summary(path: Path, m) -> str:
+    lines = [f"bundle {path}  (nsdedge {m.nsdedge_version}, schema {m.schema_version}, {m.precision})",
+             f"  image {m.image_size[0]}x{m.image_size[1]}, latent {m.latent_channels}x{m.latent_size[0]}x"
+             f"{m.latent_size[1]} (VAE factor {m.vae_scale_factor}, scaling {m.vae_scaling_factor})",
+             f"  prompt {m.prompt!r}; negative {m.negative_prompt!r}",
+             f"  {'component':<22}{'precision':<10}{'size':>10}  {'parity (rel L2)':<20}source"]
+    for name, c in m.components.items():
+        size = sum(m.files.get(f, {}).get("size", 0) for f in [c.file, *c.data_files])
+        parity = ", ".join(f"{k} {v:.2e}" for k, v in c.parity.items()) or "-"
+        lines.append(f"  {name:<22}{c.precision:<10}{_human(size):>10}  {parity:<20}{c.source}")
+    total = sum(f.get("size", 0) for f in m.files.values())
+    lines.append(f"  total {_human(total)} in {len(m.files)} files; subjects: "
+                 + ", ".join(f"{s} ({m.components[c].extra.get('voxels')} voxels)" for s, c in m.subjects.items()))
+    if m.extra.get("fidelity"):
+        lines.append("  fidelity: " + json.dumps(m.extra["fidelity"]))
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 checks (sizes are still checked).")
+def info(bundle, no_verify):
+    """Print a bundle's components, precision, sizes, sources and parity errors."""
+    from .bundle import read_manifest
+
+    click.echo(_summary(bundle, read_manifest(bundle, verify=not no_verify)))
+
+
+# -- run --------------------------------------------------------------------------------------------
+def default_bundle() -> Path:
+    """The tiny preset, built on first use into the user cache directory (keyed by nsdedge version)."""
+    from platformdirs import user_cache_dir
+
+    from .bundle import MANIFEST
+
+    path = Path(user_cache_dir("nsdedge")) / "bundles" / f"{DEFAULT_PRESET}-{__version__}"
+    if (path / MANIFEST).is_file():
+        return path
+    click.echo(f"building the default bundle (preset {DEFAULT_PRESET}) in {path} ...", err=True)
+    try:
+        from .export.build import export_bundle
+        from .export.presets import build_preset
+    except ImportError as e:
+        raise NsdedgeError(f"the default bundle is built on first use and needs the export extra ({e.name} is "
+                           f"missing): pip install 'nsdedge[export]', or pass --bundle") from None
+    export_bundle(build_preset(DEFAULT_PRESET), path, force=True)
+    return path
+
+
+def _png_bytes(image) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@cli.command()
+@click.option("--voxels", type=click.Path(path_type=Path), required=True, help="(V,) or (N, V) .npy / .npz.")
+@click.option("--bundle", type=click.Path(path_type=Path), help="Bundle directory (default: the tiny preset).")
+@click.option("--subject", help="Subject whose decoder to use (needed when the bundle has several).")
+@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance; 1 = off.")
+@click.option("--ip-scale", type=float, default=1.0, show_default=True)
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="ddim", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Trial i uses seed + i.")
+@click.option("--provider", type=click.Choice(PROVIDER_NAMES), default="auto", show_default=True)
+@click.option("--low-memory", is_flag=True, help="Load one graph at a time.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reconstructions"), show_default=True,
+              help="A .png (one trial) or a directory (0000.png, ...).")
+def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, provider, low_memory, out):
+    """Reconstruct images from a voxel file."""
+    from .bundle import atomic_write_bytes
+    from .runtime import Reconstructor
+    from .voxels import load_voxels
+
+    if not voxels.exists():
+        raise InputError(f"{voxels}: no such file")
+    rec = Reconstructor(bundle or default_bundle(), provider=provider, low_memory=low_memory)
+    subject = rec.subject(subject)
+    x = load_voxels(voxels, expected_voxels=rec.subjects[subject])
+    n = len(x)
+    single = out.suffix.lower() == ".png"
+    if single and n != 1:
+        raise InputError(f"{voxels}: {n} trials cannot go to one PNG; give a directory as --out")
+    settings = {"bundle": str(rec.path.resolve()), "subject": subject, "steps": steps, "guidance": guidance,
+                "ip_scale": ip_scale, "scheduler": scheduler, "seed": seed, "voxels": str(voxels.resolve())}
+    if single:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        targets = [out]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        record = out / "nsdedge-run.json"
+        if record.is_file():
+            try:
+                before = json.loads(record.read_text())
+            except ValueError:
+                before = None
+            if before != settings:
+                raise InputError(f"{out} holds images made with other settings ({record.name}); "
+                                 f"choose another --out or delete it")
+        else:
+            atomic_write_bytes(record, (json.dumps(settings, indent=2) + "\n").encode())
+        targets = [out / f"{i:04d}.png" for i in range(n)]
+    todo = [i for i in range(n) if single or not targets[i].exists()]
+    if len(todo) < n:
+        click.echo(f"{n - len(todo)} of {n} images already in {out}; skipping them", err=True)
+    log.info("running on provider %s", rec.provider)
+    with click.progressbar(length=len(todo) * steps, label=f"{len(todo)} trial(s) x {steps} steps",
+                           file=sys.stderr) as bar:
+        for i in todo:
+            tokens = rec.decode(x[i:i + 1], subject, name=str(voxels))
+            image = rec.generate(tokens, steps=steps, guidance=guidance, ip_scale=ip_scale, scheduler=scheduler,
+                                 seed=seed + i, callback=lambda done, total: bar.update(1))
+            atomic_write_bytes(targets[i], _png_bytes(image[0]))
+    click.echo(f"wrote {len(todo)} image(s) to {out} (provider {rec.provider})")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except NsdedgeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except MemoryError:
+        click.echo("error: out of memory", err=True)
+        sys.exit(2)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""One exception tree. The library raises these; the CLI prints one line and exits 2."""
+
+
+class NsdedgeError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+
+class InputError(NsdedgeError):
+    """A user file (voxels, weights, decoder) is missing, unreadable or malformed."""
+
+
+class WeightsError(InputError):
+    """A weight file has the wrong keys or shapes."""
+
+
+class BundleError(NsdedgeError):
+    """A bundle is missing, incomplete, corrupted or of an unknown schema."""
+
+
+class ParityError(NsdedgeError):
+    """An exported graph does not reproduce its source module within tolerance."""
+
+
+class ProviderError(NsdedgeError):
+    """An execution provider was asked for but is not available."""

@@ -1,0 +1,114 @@
+"""`nsdedge export`: sources -> a verified bundle directory, written atomically."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..bundle import CONSTANTS, BundleWriter, Component, Manifest
+from ..errors import NsdedgeError
+from .decoder_export import export_linear_decoder
+from .onnx_export import GraphSpec, export_and_verify
+from .sources import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, Sources, encode_prompt, unconditional_tokens
+from .wrappers import UNetIP, VAEDecoder, install_ip_adapter
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "ip_tokens", "ip_scale")
+
+
+def unet_spec(multiple: int) -> GraphSpec:
+    return GraphSpec(component="unet", inputs=UNET_INPUTS, outputs=("noise_pred",),
+                     dynamic={"sample": {0: ("batch", 1), 2: ("height", multiple), 3: ("width", multiple)},
+                              "encoder_hidden_states": {0: ("batch", 1)}, "ip_tokens": {0: ("batch", 1)}})
+
+
+def vae_spec() -> GraphSpec:
+    return GraphSpec(component="vae_decoder", inputs=("latent",), outputs=("image",),
+                     dynamic={"latent": {0: ("batch", 1), 2: ("height", 1), 3: ("width", 1)}})
+
+
+def _unet_samples(batch: int, latent: tuple[int, int], seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, *latent, generator=g), torch.tensor([500.0]),
+            torch.randn(batch, 77, 768, generator=g), torch.randn(batch, 16, 768, generator=g),
+            torch.tensor([0.8]))
+
+
+def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolution: int | None = None,
+                  prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+                  force: bool = False, calibration_voxels: Path | None = None,
+                  progress: Callable[[str], None] = lambda step: None) -> Manifest:
+    """Export every component of `src` into a new bundle at `out`; each graph is verified against torch."""
+    if precision not in PRECISIONS:
+        raise NsdedgeError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    resolution = resolution or src.resolution or src.unet.config.sample_size * src.vae_scale_factor
+    f, m = src.vae_scale_factor, src.unet_multiple
+    if resolution % (f * m):
+        raise NsdedgeError(f"--resolution {resolution} must be a multiple of {f * m} for this model "
+                           f"(VAE factor {f} x UNet downsampling {m})")
+    latent = (resolution // f, resolution // f)
+    t_start = time.perf_counter()
+    with BundleWriter(out, force) as w:
+        comps: dict[str, Component] = {}
+
+        progress("constants: text embeddings and unconditional ip tokens")
+        prompt_embeds = encode_prompt(src.tokenizer, src.text_encoder, prompt)
+        negative_embeds = encode_prompt(src.tokenizer, src.text_encoder, negative_prompt)
+        uncond = unconditional_tokens(src.unet, src.ip_adapter, src.image_encoder)
+        np.savez(w.tmp / CONSTANTS, prompt_embeds=prompt_embeds.astype(np.float32),
+                 negative_prompt_embeds=negative_embeds.astype(np.float32),
+                 uncond_ip_tokens=uncond.astype(np.float32))
+
+        progress("unet: export to ONNX and parity check (batch 2 and 1)")
+        install_ip_adapter(src.unet, src.ip_adapter)
+        unet = UNetIP(src.unet).eval()
+        files, entry = export_and_verify(unet, unet_spec(m), _unet_samples(2, latent, 1), w.tmp / "unet.onnx",
+                                         checks=[_unet_samples(2, latent, 1), _unet_samples(1, latent, 2)])
+        comps["unet"] = Component("unet", files[0], "fp32", entry["inputs"], entry["outputs"],
+                                  _join(src.provenance, "unet", "ip_adapter"), files[1:], entry["parity"])
+        del unet
+
+        progress("vae_decoder: export to ONNX and parity check (batch 1)")
+        vae = VAEDecoder(src.vae).eval()
+        g = torch.Generator().manual_seed(3)
+        files, entry = export_and_verify(vae, vae_spec(), (torch.randn(2, 4, *latent, generator=g),),
+                                         w.tmp / "vae_decoder.onnx",
+                                         checks=[(torch.randn(1, 4, *latent, generator=g),)])
+        comps["vae_decoder"] = Component("vae_decoder", files[0], "fp32", entry["inputs"], entry["outputs"],
+                                         src.provenance.get("vae", "?"), files[1:], entry["parity"])
+
+        for dec in src.decoders:
+            name = f"decoder-{dec.subject}"
+            progress(f"{name}: export to ONNX and parity check")
+            files, entry = export_linear_decoder(dec, w.tmp / f"{name}.onnx")
+            extra = {k: entry[k] for k in ("subject", "voxels", "kind", "rank")}
+            comps[name] = Component(name, files[0], "fp32", entry["inputs"], entry["outputs"],
+                                    src.provenance.get(name, "?"), files[1:], entry["parity"], extra)
+
+        manifest = Manifest(
+            image_size=(resolution, resolution), latent_channels=int(src.unet.config.in_channels),
+            vae_scale_factor=f, vae_scaling_factor=float(src.vae.config.scaling_factor),
+            scheduler_config=dict(src.scheduler_config), prompt=prompt, negative_prompt=negative_prompt,
+            precision=precision, components=comps, source=dict(src.provenance),
+            extra={"unet_multiple": m, "export_seconds": None})
+        if precision != "fp32":
+            from .quantize import quantize_bundle
+            progress(f"{precision}: converting graphs")
+            quantize_bundle(w.tmp, manifest, precision, calibration_voxels=calibration_voxels, progress=progress)
+        manifest.extra["export_seconds"] = round(time.perf_counter() - t_start, 2)
+        progress("writing manifest and checksums")
+        w.commit(manifest)
+    return manifest
+
+
+def _join(prov: dict[str, str], *keys: str) -> str:
+    vals = [prov.get(k, "?") for k in keys]
+    return vals[0] if len(set(vals)) == 1 else " + ".join(f"{k}={v}" for k, v in zip(keys, vals))

@@ -1,0 +1,63 @@
+"""A linear decoder as an ONNX graph: voxels (N, V) -> ip_tokens (N, 16, 768), z-scoring and rescaling folded in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..decoders.linear import LinearDecoder
+from .onnx_export import OPSET, GraphSpec, rel_l2, verify_onnx
+
+DECODER_REL_L2 = 1e-5   # fp32 parity bound against the numpy reference (issue "decoders")
+
+
+def decoder_spec(subject: str) -> GraphSpec:
+    return GraphSpec(component=f"decoder-{subject}", inputs=("voxels",), outputs=("ip_tokens",),
+                     dynamic={"voxels": {0: ("batch", 1)}}, rel_l2=DECODER_REL_L2)
+
+
+def export_linear_decoder(dec: LinearDecoder, path: Path, seed: int = 0) -> tuple[list[str], dict]:
+    """Write the folded decoder as MatMul(s) + Add + Reshape, verify against `dec.predict`, return manifest data."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    spec = decoder_spec(dec.subject)
+    mats, c = dec.folded()
+    inits = [numpy_helper.from_array(m, f"w{i}") for i, m in enumerate(mats)]
+    inits += [numpy_helper.from_array(c, "bias"),
+              numpy_helper.from_array(np.array([-1, dec.tokens, dec.width], np.int64), "token_shape")]
+    nodes, prev = [], "voxels"
+    for i in range(len(mats)):
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"mm{i}"], name=f"MatMul_{i}"))
+        prev = f"mm{i}"
+    nodes.append(helper.make_node("Add", [prev, "bias"], ["flat_tokens"], name="Add_bias"))
+    nodes.append(helper.make_node("Reshape", ["flat_tokens", "token_shape"], ["ip_tokens"], name="Reshape_tokens"))
+    graph = helper.make_graph(
+        nodes, spec.component,
+        [helper.make_tensor_value_info("voxels", TensorProto.FLOAT, ["batch", dec.voxels])],
+        [helper.make_tensor_value_info("ip_tokens", TensorProto.FLOAT, ["batch", dec.tokens, dec.width])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="nsdedge")
+    model.ir_version = 10   # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads up to 13
+    onnx.checker.check_model(model, full_check=False)
+    path = Path(path)
+    nbytes = sum(m.nbytes for m in mats)
+    if nbytes > (1 << 30):
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data")
+        files = [path.name, path.name + ".data"]
+    else:
+        onnx.save(model, str(path))
+        files = [path.name]
+    x = np.random.default_rng(seed).standard_normal((2, dec.voxels)).astype(np.float32) * dec.x_std + dec.x_mean
+    x = x.astype(np.float32)
+    err = verify_onnx(path, spec, {"voxels": x}, dec.predict(x))
+    entry = {"inputs": [{"name": "voxels", "shape": ["batch", dec.voxels], "dtype": "float32"}],
+             "outputs": [{"name": "ip_tokens", "shape": ["batch", dec.tokens, dec.width], "dtype": "float32"}],
+             "parity": {"ip_tokens": err}, "subject": dec.subject, "voxels": dec.voxels, "kind": "ridge",
+             "rank": dec.rank}
+    return files, entry
+
+
+__all__ = ["export_linear_decoder", "decoder_spec", "rel_l2"]

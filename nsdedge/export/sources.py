@@ -1,0 +1,149 @@
+"""Where the weights come from: a diffusers SD 1.5 folder, an IP-Adapter-Plus file, a CLIP vision folder.
+
+Everything is loaded into the real diffusers / transformers classes; the exporter does not care whether
+they came from disk or from a preset (presets.py builds the same classes with seeded random weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..decoders.linear import LinearDecoder
+from ..errors import WeightsError
+from .ip_adapter import IPAdapterWeights, read_ip_adapter
+
+log = logging.getLogger(__name__)
+
+# IP-Adapter's demo prompts (tencent-ailab/IP-Adapter, ip_adapter_demo.ipynb)
+DEFAULT_PROMPT = "best quality, high quality"
+DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+
+
+@dataclass
+class Sources:
+    """The real modules an export needs, plus where each came from."""
+
+    unet: object                    # diffusers UNet2DConditionModel (without the adapter)
+    vae: object                     # diffusers AutoencoderKL
+    text_encoder: object | None     # transformers CLIPTextModel (None: `prompt_embeds` given)
+    tokenizer: object | None
+    scheduler_config: dict
+    ip_adapter: IPAdapterWeights
+    image_encoder: object | None    # transformers CLIPVisionModelWithProjection (None: `uncond_hidden` given)
+    decoders: list[LinearDecoder] = field(default_factory=list)
+    provenance: dict[str, str] = field(default_factory=dict)
+    resolution: int | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def unet_multiple(self) -> int:
+        """Latent sides must be multiples of this (the UNet's downsampling)."""
+        return 2 ** (len(self.unet.config.down_block_types) - 1)
+
+
+def file_digest(path: Path, limit: int = 1 << 26) -> str:
+    """sha256 of a file (of its first 64 MiB and its size for larger ones: provenance, not integrity)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        h.update(f.read(limit))
+    if size > limit:
+        h.update(str(size).encode())
+        return "sha256-head:" + h.hexdigest()
+    return "sha256:" + h.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(folder)).encode())
+        h.update(file_digest(p).encode())
+    return "sha256-tree:" + h.hexdigest()
+
+
+def load_sd15(path: str | Path) -> dict:
+    """SD 1.5 from a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    if path.is_file():
+        raise WeightsError(f"{path}: single-file SD checkpoints are not supported yet; convert it to a diffusers "
+                           f"folder (diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR))")
+    if not path.is_dir():
+        raise WeightsError(f"{path}: no such SD 1.5 folder")
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (path / sub).is_dir():
+            raise WeightsError(f"{path}: not a diffusers SD 1.5 folder: missing {sub}/")
+    try:
+        sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}/scheduler/scheduler_config.json: unreadable ({e})") from None
+    parts = {}
+    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
+                     ("tokenizer", CLIPTokenizer)):
+        try:
+            parts[sub] = cls.from_pretrained(str(path / sub), local_files_only=True)
+        except Exception as e:  # diffusers/transformers raise OSError, ValueError, RuntimeError, ...
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WeightsError(f"{path / sub}: cannot load {cls.__name__}: {msg[:300]}") from None
+    parts["scheduler_config"] = {k: v for k, v in sched.items() if not k.startswith("_")}
+    return parts
+
+
+def load_image_encoder(path: str | Path):
+    from transformers import CLIPVisionModelWithProjection
+
+    path = Path(path)
+    if not path.is_dir():
+        raise WeightsError(f"{path}: no such CLIP vision folder")
+    try:
+        return CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True).eval()
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: cannot load CLIPVisionModelWithProjection: {msg[:300]}") from None
+
+
+def load_sources(sd: str | Path, ip_adapter: str | Path, image_encoder: str | Path,
+                 decoders: list[LinearDecoder], decoder_files: dict[str, Path]) -> Sources:
+    parts = load_sd15(sd)
+    ip = read_ip_adapter(ip_adapter)
+    enc = load_image_encoder(image_encoder)
+    hidden = enc.config.hidden_size
+    if hidden != ip.resampler.embedding_dim:
+        raise WeightsError(f"{image_encoder}: CLIP hidden size {hidden} does not match the Resampler's input "
+                           f"({ip.resampler.embedding_dim}) in {ip_adapter}")
+    prov = {"sd": folder_digest(Path(sd)), "ip_adapter": file_digest(Path(ip_adapter)),
+            "image_encoder": folder_digest(Path(image_encoder))}
+    prov.update({f"decoder-{s}": file_digest(p) for s, p in decoder_files.items()})
+    return Sources(unet=parts["unet"].eval(), vae=parts["vae"].eval(), text_encoder=parts["text_encoder"].eval(),
+                   tokenizer=parts["tokenizer"], scheduler_config=parts["scheduler_config"], ip_adapter=ip,
+                   image_encoder=enc, decoders=decoders, provenance=prov)
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, prompt: str) -> np.ndarray:
+    """The text embeddings diffusers' StableDiffusionPipeline.encode_prompt makes: (1, 77, 768)."""
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids)[0].float().numpy()
+
+
+@torch.no_grad()
+def unconditional_tokens(unet, ip: IPAdapterWeights, image_encoder) -> np.ndarray:
+    """IP-Adapter's unconditional tokens: the Resampler over CLIP hidden_states[-2] of a zeros (normalised) image."""
+    proj = unet._convert_ip_adapter_image_proj_to_diffusers(ip.image_proj, low_cpu_mem_usage=False).eval()
+    size = image_encoder.config.image_size
+    hidden = image_encoder(torch.zeros(1, 3, size, size), output_hidden_states=True).hidden_states[-2]
+    return proj(hidden).float().numpy()                       # (1, 16, 768)

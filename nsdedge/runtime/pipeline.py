@@ -1,0 +1,182 @@
+"""voxels -> decoder -> ip tokens -> guided denoising loop -> VAE decoder -> uint8 images.
+
+Shapes: voxels (N, V); tokens (N, 16, 768); latents (N, 4, H/f, W/f) with f the bundle's VAE factor;
+images (N, H, W, 3) uint8. Every image is denoised on its own (batch 2 with guidance, 1 without), so
+memory stays flat over long batches; image n of a call uses seed + n, so a resumed batch gives the
+same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..bundle import CONSTANTS, Manifest, read_manifest
+from ..errors import BundleError, InputError, NsdedgeError
+from ..voxels import validate_voxels
+from .schedulers import make_scheduler
+from .session import Session, resolve
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]       # (step done, steps in all)
+
+
+class Reconstructor:
+    """A bundle, ready to run. `provider`: auto | cpu | cuda | tensorrt. `low_memory`: one graph loaded at a time."""
+
+    def __init__(self, bundle: str | Path, provider: str = "auto", *, verify: bool = True,
+                 low_memory: bool = False, threads: int | None = None):
+        self.path = Path(bundle)
+        self.manifest: Manifest = read_manifest(self.path, verify=verify)
+        self.provider = resolve(provider)
+        self.low_memory = low_memory
+        self.threads = threads
+        self._sessions: dict[str, Session] = {}
+        try:
+            with np.load(self.path / CONSTANTS, allow_pickle=False) as c:
+                self.prompt_embeds = c["prompt_embeds"].astype(np.float32)            # (1, 77, 768)
+                self.negative_embeds = c["negative_prompt_embeds"].astype(np.float32)  # (1, 77, 768)
+                self.uncond_tokens = c["uncond_ip_tokens"].astype(np.float32)         # (1, 16, 768)
+        except (KeyError, ValueError, OSError) as e:
+            raise BundleError(f"{self.path / CONSTANTS}: unreadable bundle constants ({e})") from None
+        log.info("bundle %s (%s) on provider %s", self.path, self.manifest.precision, self.provider)
+
+    # -- sessions -----------------------------------------------------------------------------------
+    def _session(self, component: str) -> Session:
+        if component not in self._sessions:
+            if self.low_memory:
+                self._sessions.clear()
+            c = self.manifest.components[component]
+            self._sessions[component] = Session(self.path / c.file, self.provider, self.threads)
+        return self._sessions[component]
+
+    def _release(self, component: str) -> None:
+        if self.low_memory:
+            self._sessions.pop(component, None)
+
+    # -- subjects and decoding ----------------------------------------------------------------------
+    @property
+    def subjects(self) -> dict[str, int]:
+        """subject -> voxel count."""
+        return {s: int(self.manifest.components[c].extra["voxels"]) for s, c in self.manifest.subjects.items()}
+
+    def subject(self, subject: str | None) -> str:
+        subs = self.subjects
+        if subject is None:
+            if len(subs) != 1:
+                raise InputError(f"bundle has subjects {', '.join(sorted(subs)) or 'none'}; choose one with --subject")
+            return next(iter(subs))
+        if subject not in subs:
+            raise InputError(f"unknown subject {subject!r}; the bundle has {', '.join(sorted(subs)) or 'none'}")
+        return subject
+
+    def decode(self, voxels: np.ndarray, subject: str | None = None, name: str = "voxels") -> np.ndarray:
+        """(N, V) or (V,) voxels -> (N, 16, 768) float32 ip tokens."""
+        subject = self.subject(subject)
+        x = validate_voxels(np.asarray(voxels), name, self.subjects[subject])
+        comp = self.manifest.subjects[subject]
+        sess = self._session(comp)
+        tokens = sess.run({"voxels": x.astype(sess.input_dtype("voxels"))})["ip_tokens"].astype(np.float32)
+        self._release(comp)
+        return tokens
+
+    # -- generation ---------------------------------------------------------------------------------
+    def initial_latents(self, n: int, seed: int) -> np.ndarray:
+        """Unit-variance noise (n, 4, h, w); image i from numpy's PCG64 seeded with seed + i."""
+        h, w = self.manifest.latent_size
+        c = self.manifest.latent_channels
+        return np.stack([np.random.default_rng(seed + i).standard_normal((c, h, w), dtype=np.float32)
+                         for i in range(n)])
+
+    def denoise(self, tokens: np.ndarray, *, steps: int = 20, guidance: float = 7.5, ip_scale: float = 1.0,
+                scheduler: str = "ddim", seed: int = 0, latents: np.ndarray | None = None,
+                callback: StepCallback | None = None) -> np.ndarray:
+        """(N, 16, 768) tokens -> (N, 4, h, w) final latents (before the VAE scaling)."""
+        tokens = np.asarray(tokens, np.float32)
+        if tokens.ndim == 2:
+            tokens = tokens[None]
+        if tokens.ndim != 3 or tokens.shape[1:] != self.uncond_tokens.shape[1:]:
+            raise InputError(f"tokens must have shape (N, {self.uncond_tokens.shape[1]}, "
+                             f"{self.uncond_tokens.shape[2]}), got {tokens.shape}")
+        n = len(tokens)
+        if latents is None:
+            latents = self.initial_latents(n, seed)
+        else:
+            latents = np.asarray(latents, np.float32)
+            want = (n, self.manifest.latent_channels, *self.manifest.latent_size)
+            if latents.shape != want:
+                raise InputError(f"latents must have shape {want}, got {latents.shape}")
+        if not np.isfinite(guidance) or not np.isfinite(ip_scale):
+            raise InputError("guidance and ip scale must be finite numbers")
+        out = np.empty_like(latents)
+        for i in range(n):
+            out[i] = self._denoise_one(tokens[i:i + 1], latents[i:i + 1], steps, guidance, ip_scale, scheduler,
+                                       callback)
+        self._release("unet")
+        return out
+
+    def _denoise_one(self, tokens, latent, steps, guidance, ip_scale, scheduler, callback) -> np.ndarray:
+        try:
+            sched = make_scheduler(scheduler, self.manifest.scheduler_config, steps)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        unet = self._session("unet")
+        dtype = unet.input_dtype("sample")
+        cfg = guidance > 1.0                              # diffusers: guidance <= 1 means no CFG, batch 1
+        if cfg:   # batch order as diffusers: [negative prompt + unconditional tokens, prompt + decoded tokens]
+            text = np.concatenate([self.negative_embeds, self.prompt_embeds])
+            ip = np.concatenate([self.uncond_tokens, tokens])
+        else:
+            text, ip = self.prompt_embeds, tokens
+        feeds = {"encoder_hidden_states": text.astype(dtype), "ip_tokens": ip.astype(dtype),
+                 "ip_scale": np.array([ip_scale], dtype)}
+        x = latent * np.float32(sched.init_noise_sigma)                            # (1, 4, h, w)
+        for i, t in enumerate(sched.timesteps):
+            xin = sched.scale_model_input(x, i)
+            if cfg:
+                xin = np.concatenate([xin, xin])
+            feeds["sample"] = xin.astype(dtype)
+            feeds["timestep"] = np.array([t], dtype)
+            eps = unet.run(feeds)["noise_pred"].astype(np.float32)
+            if cfg:
+                eps = eps[:1] + np.float32(guidance) * (eps[1:] - eps[:1])
+            x = sched.step(eps, i, x)
+            if callback:
+                callback(i + 1, len(sched.timesteps))
+        return x[0]
+
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        """(N, 4, h, w) final latents -> (N, H, W, 3) uint8, one image at a time."""
+        latents = np.asarray(latents, np.float32)
+        vae = self._session("vae_decoder")
+        dtype = vae.input_dtype("latent")
+        images = []
+        for i in range(len(latents)):
+            z = latents[i:i + 1] / np.float32(self.manifest.vae_scaling_factor)
+            img = vae.run({"latent": z.astype(dtype)})["image"].astype(np.float32)    # (1, 3, H, W), about [-1, 1]
+            if not np.isfinite(img).all():
+                raise NsdedgeError("the VAE decoder produced NaN/Inf (fp16 overflow?); use an fp32 bundle")
+            images.append(to_uint8(img)[0])
+        self._release("vae_decoder")
+        return np.stack(images)
+
+    def generate(self, tokens: np.ndarray, *, steps: int = 20, guidance: float = 7.5, ip_scale: float = 1.0,
+                 scheduler: str = "ddim", seed: int = 0, latents: np.ndarray | None = None,
+                 callback: StepCallback | None = None) -> np.ndarray:
+        """(N, 16, 768) tokens -> (N, H, W, 3) uint8 images."""
+        final = self.denoise(tokens, steps=steps, guidance=guidance, ip_scale=ip_scale, scheduler=scheduler,
+                             seed=seed, latents=latents, callback=callback)
+        return self.decode_latents(final)
+
+    def __call__(self, voxels: np.ndarray, subject: str | None = None, **kw) -> np.ndarray:
+        return self.generate(self.decode(voxels, subject), **kw)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, rounding as diffusers' numpy_to_pil does."""
+    x = np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return (x * 255).round().astype(np.uint8)

@@ -1,0 +1,68 @@
+"""Reading and validating voxel files (.npy, .npz). numpy only; never unpickles."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+
+def load_voxels(path: str | Path, expected_voxels: int | None = None, key: str | None = None) -> np.ndarray:
+    """Read one trial (V,) or many (N, V) from `path`; return float32 (N, V) or raise InputError.
+
+    An .npz must hold exactly one array, or name it with `key`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a .npy or .npz voxel file")
+    try:
+        loaded = np.load(path, allow_pickle=False, mmap_mode=None)
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise InputError(f"{path}: holds a pickled or object array, which nsdedge never unpickles; "
+                             f"save a numeric array with np.save") from None
+        raise InputError(f"{path}: not a readable numpy array file ({e})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: not a readable .npy/.npz file ({type(e).__name__}: {e})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            names = list(loaded.files)
+            if key is None:
+                if len(names) != 1:
+                    raise InputError(f"{path}: .npz holds {len(names)} arrays ({', '.join(names) or 'none'}); "
+                                     f"it must hold exactly one")
+                key = names[0]
+            elif key not in names:
+                raise InputError(f"{path}: .npz has no array {key!r} (has {', '.join(names)})")
+            try:
+                arr = loaded[key]
+            except ValueError:
+                raise InputError(f"{path}: array {key!r} is a pickled or object array, which nsdedge never "
+                                 f"unpickles") from None
+    else:
+        arr = loaded
+    return validate_voxels(arr, str(path), expected_voxels)
+
+
+def validate_voxels(arr: np.ndarray, name: str, expected_voxels: int | None = None) -> np.ndarray:
+    """Check dtype, rank, emptiness, finiteness and length; return a float32 (N, V) array."""
+    if arr.dtype.kind not in "fiub" or arr.dtype == np.bool_:
+        raise InputError(f"{name}: voxels must be a numeric array, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise InputError(f"{name}: voxels must have shape (V,) or (N, V), got {arr.shape}")
+    if arr.size == 0:
+        raise InputError(f"{name}: voxel array is empty (shape {arr.shape})")
+    if expected_voxels is not None and arr.shape[1] != expected_voxels:
+        raise InputError(f"{name}: {arr.shape[1]} voxels per trial, the subject's decoder expects {expected_voxels}")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():
+        bad = int((~np.isfinite(out)).any(axis=1).sum())
+        raise InputError(f"{name}: {bad} trial(s) contain NaN or Inf")
+    return out
