@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -135,7 +136,8 @@ def _summary(path: Path, m) -> str:
     for name, c in m.components.items():
         size = sum(m.files.get(f, {}).get("size", 0) for f in [c.file, *c.data_files])
         parity = ", ".join(f"{k} {v:.2e}" for k, v in c.parity.items()) or "-"
-        lines.append(f"  {name:<22}{c.precision:<10}{_human(size):>10}  {parity:<20}{c.source}")
+        source = re.sub(r"([0-9a-f]{12})[0-9a-f]{52}", r"\1..", c.source)    # full hashes are in the manifest
+        lines.append(f"  {name:<22}{c.precision:<10}{_human(size):>10}  {parity:<20}{source}")
     total = sum(f.get("size", 0) for f in m.files.values())
     lines.append(f"  total {_human(total)} in {len(m.files)} files; subjects: "
                  + ", ".join(f"{s} ({m.components[c].extra.get('voxels')} voxels)" for s, c in m.subjects.items()))

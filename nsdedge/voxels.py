@@ -21,6 +21,16 @@ def load_voxels(path: str | Path, expected_voxels: int | None = None, key: str |
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected a .npy or .npz voxel file")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    if magic[:1] == b"\x80":
+        raise InputError(f"{path}: holds a pickled or object array, which nsdedge never unpickles; "
+                         f"save a numeric array with np.save")
+    if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":
+        raise InputError(f"{path}: not a readable .npy/.npz file (no numpy or zip header)")
+    try:
         loaded = np.load(path, allow_pickle=False, mmap_mode=None)
     except ValueError as e:
         if "pickle" in str(e).lower() or "object" in str(e).lower():

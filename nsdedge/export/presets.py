@@ -9,6 +9,8 @@ sd15-random the full SD 1.5 UNet (860 M) with IP-Adapter-Plus processors and the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..decoders.linear import synthetic_decoder
@@ -114,3 +116,37 @@ def build_preset(name: str, seed: int = 0) -> Sources:
                    decoders=[decoder], resolution=resolution,
                    provenance={k: src for k in ("unet", "vae", "text_encoder", "ip_adapter", "image_encoder",
                                                 f"decoder-{SYNTH_SUBJECT}")})
+
+
+def save_weights(src: Sources, folder: str | Path) -> dict[str, Path]:
+    """Write `src` in the real on-disk formats: a diffusers SD 1.5 folder, IP-Adapter-Plus .bin and
+    .safetensors, a CLIP vision folder and one decoder file per subject. Returns the paths by role.
+
+    `src.unet` must not have had the adapter installed (export installs it)."""
+    import json
+
+    from .ip_adapter import save_ip_adapter
+
+    folder = Path(folder)
+    sd = folder / "sd15"
+    src.unet.save_pretrained(sd / "unet")
+    src.vae.save_pretrained(sd / "vae")
+    src.text_encoder.save_pretrained(sd / "text_encoder")
+    src.tokenizer.save_pretrained(sd / "tokenizer")
+    (sd / "scheduler").mkdir(parents=True, exist_ok=True)
+    (sd / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "PNDMScheduler", **src.scheduler_config}, indent=2))
+    (sd / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None]}, indent=2))
+    paths = {"sd": sd, "ip_bin": folder / "ip-adapter-plus_sd15.bin",
+             "ip_safetensors": folder / "ip-adapter-plus_sd15.safetensors", "image_encoder": folder / "image_encoder"}
+    save_ip_adapter(src.ip_adapter, paths["ip_bin"])
+    save_ip_adapter(src.ip_adapter, paths["ip_safetensors"])
+    src.image_encoder.save_pretrained(paths["image_encoder"])
+    for dec in src.decoders:
+        paths[f"decoder-{dec.subject}"] = folder / f"decoder-{dec.subject}.safetensors"
+        dec.save(paths[f"decoder-{dec.subject}"])
+    return paths

@@ -72,11 +72,25 @@ def folder_digest(folder: Path) -> str:
     return "sha256-tree:" + h.hexdigest()
 
 
+def quiet_libraries() -> None:
+    """diffusers / transformers / torch.onnx print progress bars and advice on every load; the CLI shows its own."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def load_sd15(path: str | Path) -> dict:
     """SD 1.5 from a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    quiet_libraries()
     path = Path(path)
     if path.is_file():
         raise WeightsError(f"{path}: single-file SD checkpoints are not supported yet; convert it to a diffusers "
@@ -124,7 +138,8 @@ def load_sources(sd: str | Path, ip_adapter: str | Path, image_encoder: str | Pa
     if hidden != ip.resampler.embedding_dim:
         raise WeightsError(f"{image_encoder}: CLIP hidden size {hidden} does not match the Resampler's input "
                            f"({ip.resampler.embedding_dim}) in {ip_adapter}")
-    prov = {"sd": folder_digest(Path(sd)), "ip_adapter": file_digest(Path(ip_adapter)),
+    sd_digest = folder_digest(Path(sd))
+    prov = {"unet": sd_digest, "vae": sd_digest, "text_encoder": sd_digest, "ip_adapter": file_digest(Path(ip_adapter)),
             "image_encoder": folder_digest(Path(image_encoder))}
     prov.update({f"decoder-{s}": file_digest(p) for s, p in decoder_files.items()})
     return Sources(unet=parts["unet"].eval(), vae=parts["vae"].eval(), text_encoder=parts["text_encoder"].eval(),
