@@ -246,6 +246,57 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, pro
     click.echo(f"wrote {len(todo)} image(s) to {out} (provider {rec.provider})")
 
 
+# -- fit ------------------------------------------------------------------------------------------------
+def _load_embeddings(path: Path):
+    """Targets (N, 16, 768) from a .npy, memory-mapped; never unpickled."""
+    import numpy as np
+
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise InputError(f"{path}: not a readable numeric .npy file ({str(e).splitlines()[0]})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
+        raise InputError(f"{path}: embeddings must be a numeric .npy array")
+    return arr
+
+
+@cli.command()
+@click.option("--voxels", type=click.Path(path_type=Path), required=True, help="Training voxels (N, V) .npy.")
+@click.option("--embeddings", type=click.Path(path_type=Path), required=True, help="Targets (N, 16, 768) .npy.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Decoder file (.safetensors).")
+@click.option("--subject", default="subj01", show_default=True)
+@click.option("--alphas", default=None, help="Comma-separated ridge penalties to choose from per token.")
+@click.option("--rank", type=int, default=None, help="Reduced rank R (smaller decoder).")
+@click.option("--no-rescale", is_flag=True, help="Do not store Brain-Diffuser's output rescaling.")
+def fit(voxels, embeddings, out, subject, alphas, rank, no_rescale):
+    """Fit a ridge decoder from voxels to IP-Adapter-Plus tokens (an alpha per token by leave-one-out)."""
+    import numpy as np
+
+    from .decoders.ridge import DEFAULT_ALPHAS, fit_ridge
+    from .voxels import load_voxels
+
+    x = load_voxels(voxels)
+    y = _load_embeddings(embeddings)
+    if y.shape[0] != x.shape[0] or y.shape[1:] not in ((16, 768), (16 * 768,)):
+        raise InputError(f"{embeddings}: shape {y.shape}, expected ({x.shape[0]}, 16, 768) to match {voxels}")
+    y = np.asarray(y, np.float32)
+    if not np.isfinite(y).all():
+        raise InputError(f"{embeddings}: contains NaN or Inf")
+    try:
+        grid = [float(a) for a in alphas.split(",")] if alphas else list(DEFAULT_ALPHAS)
+    except ValueError:
+        raise InputError(f"--alphas {alphas!r}: expected comma-separated numbers") from None
+    t0 = time.perf_counter()
+    dec, report = fit_ridge(x, y, subject=subject, alphas=grid, rank=rank, rescale=not no_rescale,
+                            progress=lambda s: click.echo(f"[{time.perf_counter() - t0:7.1f}s] {s}", err=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dec.save(out)
+    click.echo(f"wrote {out}: {subject}, {dec.voxels} voxels, rank {dec.rank or 'full'}, "
+               f"alphas per token {report.alphas}, {report.seconds:.1f} s")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
