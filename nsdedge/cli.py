@@ -91,13 +91,13 @@ def export(preset, sd, ip_adapter, image_encoder, decoders, precision, calibrati
 
     progress("loading weights")
     try:
-        from .decoders.linear import read_decoder
         from .export.build import export_bundle
+        from .export.decoder_export import read_any_decoder
         from .export.presets import build_preset
         from .export.sources import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, load_sources
     except ImportError as e:
         raise NsdedgeError(f"export needs the export extra ({e.name} is missing): pip install 'nsdedge[export]'") from None
-    decs = [read_decoder(p) for p in decoder_files.values()]
+    decs = [read_any_decoder(p) for p in decoder_files.values()]
     for (subject, _), dec in zip(decoder_files.items(), decs):
         dec.subject = subject
     if preset:

@@ -12,7 +12,7 @@ import torch
 
 from ..bundle import CONSTANTS, BundleWriter, Component, Manifest
 from ..errors import NsdedgeError
-from .decoder_export import export_linear_decoder
+from .decoder_export import export_decoder
 from .onnx_export import GraphSpec, export_and_verify
 from .sources import (DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, Sources, encode_prompt, quiet_libraries,
                       unconditional_tokens)
@@ -90,7 +90,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
         for dec in src.decoders:
             name = f"decoder-{dec.subject}"
             progress(f"{name}: export to ONNX and parity check")
-            files, entry = export_linear_decoder(dec, w.tmp / f"{name}.onnx")
+            files, entry = export_decoder(dec, w.tmp / f"{name}.onnx")
             extra = {k: entry[k] for k in ("subject", "voxels", "kind", "rank")}
             comps[name] = Component(name, files[0], "fp32", entry["inputs"], entry["outputs"],
                                     src.provenance.get(name, "?"), files[1:], entry["parity"], extra)

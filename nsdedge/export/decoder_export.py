@@ -60,4 +60,50 @@ def export_linear_decoder(dec: LinearDecoder, path: Path, seed: int = 0) -> tupl
     return files, entry
 
 
-__all__ = ["export_linear_decoder", "decoder_spec", "rel_l2"]
+def export_mlp_decoder(model, path: Path, seed: int = 0) -> tuple[list[str], dict]:
+    """The BrainGuard-style MLP through torch's exporter, verified against the torch module (batch 2 and 1)."""
+    import torch
+
+    from .onnx_export import export_and_verify
+
+    spec = decoder_spec(model.subject)
+    g = torch.Generator().manual_seed(seed)
+    mean, std = model.x_mean, model.x_std
+
+    def sample(n):
+        return (torch.randn(n, model.voxels, generator=g) * std + mean,)
+
+    files, entry = export_and_verify(model.eval(), spec, sample(2), Path(path), checks=[sample(2), sample(1)])
+    entry.update(subject=model.subject, voxels=model.voxels, kind="mlp", rank=None)
+    return files, entry
+
+
+def export_decoder(dec, path: Path) -> tuple[list[str], dict]:
+    if isinstance(dec, LinearDecoder):
+        return export_linear_decoder(dec, path)
+    return export_mlp_decoder(dec, path)
+
+
+def read_any_decoder(path: Path):
+    """A decoder file of either kind: a ridge safetensors from `nsdedge fit`, or an MLP (safetensors or torch)."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..decoders.linear import read_decoder
+    from ..decoders.mlp import read_mlp
+
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                kind = (f.metadata() or {}).get("kind")
+        except (SafetensorError, OSError, ValueError) as e:
+            from ..errors import WeightsError
+            raise WeightsError(f"{path}: not a readable safetensors decoder ({e})") from None
+        if kind == "ridge":
+            return read_decoder(path)
+    model, subject = read_mlp(path)
+    model.subject = subject or "subj01"
+    return model
+
+
+__all__ = ["export_linear_decoder", "export_mlp_decoder", "export_decoder", "read_any_decoder", "decoder_spec"]

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..decoders.linear import LinearDecoder
 from ..errors import WeightsError
 from .ip_adapter import IPAdapterWeights, read_ip_adapter
 
@@ -37,7 +36,7 @@ class Sources:
     scheduler_config: dict
     ip_adapter: IPAdapterWeights
     image_encoder: object | None    # transformers CLIPVisionModelWithProjection (None: `uncond_hidden` given)
-    decoders: list[LinearDecoder] = field(default_factory=list)
+    decoders: list = field(default_factory=list)   # LinearDecoder or BrainGuardMLP, each with .subject
     provenance: dict[str, str] = field(default_factory=dict)
     resolution: int | None = None
 
@@ -130,7 +129,7 @@ def load_image_encoder(path: str | Path):
 
 
 def load_sources(sd: str | Path, ip_adapter: str | Path, image_encoder: str | Path,
-                 decoders: list[LinearDecoder], decoder_files: dict[str, Path]) -> Sources:
+                 decoders: list, decoder_files: dict[str, Path]) -> Sources:
     parts = load_sd15(sd)
     ip = read_ip_adapter(ip_adapter)
     enc = load_image_encoder(image_encoder)
