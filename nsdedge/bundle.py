@@ -208,12 +208,16 @@ class BundleWriter:
         if not self.committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def commit(self, manifest: Manifest) -> Path:
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Hash every file now in `tmp` and write the manifest there (the bundle is then readable in place)."""
         manifest.files = {}
         for p in sorted(self.tmp.iterdir()):
-            if p.is_file():
+            if p.is_file() and p.name != MANIFEST:
                 manifest.files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         (self.tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+
+    def commit(self, manifest: Manifest) -> Path:
+        self.write_manifest(manifest)
         old = None
         if self.out.exists():
             if not self.force:

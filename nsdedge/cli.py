@@ -132,17 +132,25 @@ def _summary(path: Path, m) -> str:
              f"  image {m.image_size[0]}x{m.image_size[1]}, latent {m.latent_channels}x{m.latent_size[0]}x"
              f"{m.latent_size[1]} (VAE factor {m.vae_scale_factor}, scaling {m.vae_scaling_factor})",
              f"  prompt {m.prompt!r}; negative {m.negative_prompt!r}",
-             f"  {'component':<22}{'precision':<10}{'size':>10}  {'parity (rel L2)':<20}source"]
+             f"  {'component':<22}{'precision':<10}{'size':>10}  {'parity (rel L2)*':<20}source"]
     for name, c in m.components.items():
         size = sum(m.files.get(f, {}).get("size", 0) for f in [c.file, *c.data_files])
-        parity = ", ".join(f"{k} {v:.2e}" for k, v in c.parity.items()) or "-"
+        parity = " ".join(f"{v:.1e}" for v in c.parity.values()) or "-"
         source = re.sub(r"([0-9a-f]{12})[0-9a-f]{52}", r"\1..", c.source)    # full hashes are in the manifest
         lines.append(f"  {name:<22}{c.precision:<10}{_human(size):>10}  {parity:<20}{source}")
     total = sum(f.get("size", 0) for f in m.files.values())
     lines.append(f"  total {_human(total)} in {len(m.files)} files; subjects: "
                  + ", ".join(f"{s} ({m.components[c].extra.get('voxels')} voxels)" for s, c in m.subjects.items()))
-    if m.extra.get("fidelity"):
-        lines.append("  fidelity: " + json.dumps(m.extra["fidelity"]))
+    lines.append("  * against torch at export" + (f"; then {m.precision} against fp32" if m.precision != "fp32" else ""))
+    f = m.extra.get("fidelity")
+    if f:
+        lines.append(f"  fidelity of {f['precision']} against fp32 ({f['inputs']}, {f['steps']} steps, "
+                     f"guidance {f['guidance']}):")
+        lines.append("    component rel L2: " + ", ".join(f"{k} {v:.2e}" for k, v in f["component_rel_l2"].items()))
+        lines.append("    image PSNR dB: " + ", ".join(f"{v:.1f}" for v in f["psnr_db"])
+                     + "; SSIM: " + ", ".join(f"{v:.4f}" for v in f["ssim"]))
+        lines.append(f"    cond-uncond spread ratio: {f['cfg_spread_ratio']:.3f} "
+                     f"({f['cfg_spread']:.4f} vs {f['cfg_spread_fp32']:.4f}; < 0.9 means conditioning is lost)")
     return "\n".join(lines)
 
 
@@ -244,6 +252,32 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, pro
                                  seed=seed + i, callback=lambda done, total: bar.update(1))
             atomic_write_bytes(targets[i], _png_bytes(image[0]))
     click.echo(f"wrote {len(todo)} image(s) to {out} (provider {rec.provider})")
+
+
+# -- calibrate ----------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="An fp32 bundle.")
+@click.option("--voxels", type=click.Path(path_type=Path), required=True, help="Real trials (N, V).")
+@click.option("--subject", help="Subject whose decoder to use.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="ddim", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Calibration file (.npz).")
+def calibrate(bundle, voxels, subject, steps, guidance, scheduler, out):
+    """Record what every graph sees while the fp32 pipeline reconstructs real trials (an .npz)."""
+    from .calibration import record_calibration
+    from .runtime import Reconstructor
+    from .voxels import load_voxels
+
+    rec = Reconstructor(bundle, provider="cpu")
+    if rec.manifest.precision != "fp32":
+        raise InputError(f"{bundle}: calibration needs an fp32 bundle, this one is {rec.manifest.precision}")
+    subject = rec.subject(subject)
+    x = load_voxels(voxels, expected_voxels=rec.subjects[subject])
+    recorder = record_calibration(rec, x, subject, steps=steps, guidance=guidance, scheduler=scheduler)
+    recorder.save(out)
+    shapes = ", ".join(f"{k} {v.shape}" for k, v in recorder.arrays().items())
+    click.echo(f"wrote {out}: {shapes}")
 
 
 # -- fit ------------------------------------------------------------------------------------------------

@@ -19,3 +19,18 @@ def test_known_answers():
     assert two_way_identification(x, x) == 1.0
     shuffled = two_way_identification(x, x[rng.permutation(200)])
     assert 0.4 < shuffled < 0.6
+
+
+def test_ssim_and_psnr_match_scikit_image():
+    import pytest
+    metrics = pytest.importorskip("skimage.metrics")
+    from nsdedge.evaluate import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (48, 48, 3)).astype(np.float64)
+    b = np.clip(a + rng.normal(0, 20, a.shape), 0, 255)
+    ref = metrics.structural_similarity(a, b, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False, data_range=255)
+    assert abs(ssim(a, b) - ref) < 1e-9
+    assert abs(psnr(a, b) - metrics.peak_signal_noise_ratio(a, b, data_range=255)) < 1e-9
+    assert ssim(a, a) == pytest.approx(1.0) and psnr(a, a) == float("inf")

@@ -103,8 +103,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
             extra={"unet_multiple": m, "export_seconds": None})
         if precision != "fp32":
             from .quantize import quantize_bundle
-            progress(f"{precision}: converting graphs")
-            quantize_bundle(w.tmp, manifest, precision, calibration_voxels=calibration_voxels, progress=progress)
+            quantize_bundle(w, manifest, precision, calibration_voxels=calibration_voxels, progress=progress)
         manifest.extra["export_seconds"] = round(time.perf_counter() - t_start, 2)
         progress("writing manifest and checksums")
         w.commit(manifest)

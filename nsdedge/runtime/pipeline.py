@@ -22,19 +22,24 @@ from .session import Session, resolve
 
 log = logging.getLogger(__name__)
 
+FP32_VAE = "vae_decoder_fp32"     # fp16 bundles carry it for images whose fp16 decode overflows
+
 StepCallback = Callable[[int, int], None]       # (step done, steps in all)
+# observer(component, inputs, outputs): sees what every graph is fed and returns (calibration, fidelity)
+Observer = Callable[[str, dict, dict], None]
 
 
 class Reconstructor:
     """A bundle, ready to run. `provider`: auto | cpu | cuda | tensorrt. `low_memory`: one graph loaded at a time."""
 
     def __init__(self, bundle: str | Path, provider: str = "auto", *, verify: bool = True,
-                 low_memory: bool = False, threads: int | None = None):
+                 low_memory: bool = False, threads: int | None = None, observer: Observer | None = None):
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
         self.provider = resolve(provider)
         self.low_memory = low_memory
         self.threads = threads
+        self.observer = observer
         self._sessions: dict[str, Session] = {}
         try:
             with np.load(self.path / CONSTANTS, allow_pickle=False) as c:
@@ -80,7 +85,11 @@ class Reconstructor:
         x = validate_voxels(np.asarray(voxels), name, self.subjects[subject])
         comp = self.manifest.subjects[subject]
         sess = self._session(comp)
-        tokens = sess.run({"voxels": x.astype(sess.input_dtype("voxels"))})["ip_tokens"].astype(np.float32)
+        feeds = {"voxels": x.astype(sess.input_dtype("voxels"))}
+        out = sess.run(feeds)
+        if self.observer:
+            self.observer(comp, feeds, out)
+        tokens = out["ip_tokens"].astype(np.float32)
         self._release(comp)
         return tokens
 
@@ -141,7 +150,10 @@ class Reconstructor:
                 xin = np.concatenate([xin, xin])
             feeds["sample"] = xin.astype(dtype)
             feeds["timestep"] = np.array([t], dtype)
-            eps = unet.run(feeds)["noise_pred"].astype(np.float32)
+            out = unet.run(feeds)
+            if self.observer:
+                self.observer("unet", dict(feeds), out)
+            eps = out["noise_pred"].astype(np.float32)
             if cfg:
                 eps = eps[:1] + np.float32(guidance) * (eps[1:] - eps[:1])
             x = sched.step(eps, i, x)
@@ -152,17 +164,28 @@ class Reconstructor:
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         """(N, 4, h, w) final latents -> (N, H, W, 3) uint8, one image at a time."""
         latents = np.asarray(latents, np.float32)
-        vae = self._session("vae_decoder")
-        dtype = vae.input_dtype("latent")
         images = []
         for i in range(len(latents)):
             z = latents[i:i + 1] / np.float32(self.manifest.vae_scaling_factor)
-            img = vae.run({"latent": z.astype(dtype)})["image"].astype(np.float32)    # (1, 3, H, W), about [-1, 1]
+            img = self._vae(z, "vae_decoder")                                        # (1, 3, H, W), about [-1, 1]
             if not np.isfinite(img).all():
-                raise NsdedgeError("the VAE decoder produced NaN/Inf (fp16 overflow?); use an fp32 bundle")
+                if FP32_VAE not in self.manifest.components:
+                    raise NsdedgeError("the VAE decoder produced NaN/Inf (fp16 overflow) and the bundle has no "
+                                       "fp32 VAE to fall back on; use an fp32 bundle")
+                log.warning("fp16 VAE overflowed on image %d; decoding it again in fp32", i)
+                img = self._vae(z, FP32_VAE)
             images.append(to_uint8(img)[0])
         self._release("vae_decoder")
+        self._release(FP32_VAE)
         return np.stack(images)
+
+    def _vae(self, z: np.ndarray, component: str) -> np.ndarray:
+        vae = self._session(component)
+        feeds = {"latent": z.astype(vae.input_dtype("latent"))}
+        out = vae.run(feeds)
+        if self.observer:
+            self.observer(component, feeds, out)
+        return out["image"].astype(np.float32)
 
     def generate(self, tokens: np.ndarray, *, steps: int = 20, guidance: float = 7.5, ip_scale: float = 1.0,
                  scheduler: str = "ddim", seed: int = 0, latents: np.ndarray | None = None,

@@ -1,0 +1,5 @@
+"""Recording what each stage of the fp32 pipeline sees, for quantization and fidelity checks."""
+
+from .record import Recorder, load_calibration, record_calibration
+
+__all__ = ["Recorder", "record_calibration", "load_calibration"]

@@ -1,0 +1,104 @@
+"""fp16 and int8 bundles: smaller, faithful to fp32 (thresholds a broken quantization fails), reported."""
+
+import numpy as np
+import pytest
+
+from nsdedge.bundle import read_manifest
+from nsdedge.errors import NsdedgeError
+from nsdedge.runtime import Reconstructor
+from tests.conftest import run_cli
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    from nsdedge.export.build import export_bundle
+    from nsdedge.export.presets import build_preset
+
+    root = tmp_path_factory.mktemp("q")
+    out = {}
+    for p in ("fp16", "int8"):
+        export_bundle(build_preset("tiny"), root / p, precision=p)
+        out[p] = root / p
+    return out
+
+
+def _size(bundle, comp):
+    m = read_manifest(bundle, verify=False)
+    c = m.components[comp]
+    return sum(m.files[f]["size"] for f in [c.file, *c.data_files])
+
+
+def test_fp16_bundle(bundles, tiny_bundle):
+    m = read_manifest(bundles["fp16"])
+    assert m.precision == "fp16"
+    assert {c.precision for n, c in m.components.items() if n != "vae_decoder_fp32"} == {"fp16"}
+    assert m.components["vae_decoder_fp32"].precision == "fp32"
+    assert _size(bundles["fp16"], "unet") < 0.7 * _size(tiny_bundle, "unet")
+    f = m.extra["fidelity"]
+    assert min(f["psnr_db"]) >= 40 and min(f["ssim"]) > 0.99
+    assert 0.95 < f["cfg_spread_ratio"] < 1.05
+    assert f["component_rel_l2"]["unet"] < 1e-2
+    # the runtime feeds float32 and reads float32: inputs and outputs kept their types
+    assert {i["dtype"] for i in m.components["unet"].inputs} == {"float32"}
+
+
+def test_int8_bundle(bundles, tiny_bundle):
+    m = read_manifest(bundles["int8"])
+    assert m.components["unet"].precision == "int8" and m.components["vae_decoder"].precision == "fp32"
+    assert _size(bundles["int8"], "unet") < 0.8 * _size(tiny_bundle, "unet")
+    assert _size(bundles["int8"], "decoder-synth01") < 0.35 * _size(tiny_bundle, "decoder-subj01")
+    f = m.extra["fidelity"]
+    assert 1e-4 < f["component_rel_l2"]["unet"] < 0.1         # quantized, and not broken
+    assert min(f["psnr_db"]) >= 30
+    assert f["cfg_spread_ratio"] >= 0.9
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(bundles["int8"] / m.components["unet"].file)).graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
+
+
+def test_conditioning_and_time_embedding_stay_float(bundles):
+    import onnx
+    m = read_manifest(bundles["int8"], verify=False)
+    g = onnx.load(str(bundles["int8"] / m.components["unet"].file)).graph
+    for n in g.node:
+        if ("ip_tokens" in n.input or "encoder_hidden_states" in n.input) and n.op_type != "Shape":
+            assert n.op_type == "MatMul", n.name
+        if any("conv_in." in i or "conv_out." in i for i in n.input):
+            assert n.op_type == "Conv", n.name
+
+
+def test_quantized_bundles_run_and_info_reports(bundles):
+    x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
+    for b in bundles.values():
+        img = Reconstructor(b, "cpu")(x, steps=3)
+        assert img.shape == (1, 64, 64, 3)
+    r = run_cli("info", str(bundles["int8"]))
+    assert r.returncode == 0 and "spread ratio" in r.stdout and "PSNR" in r.stdout
+
+
+def test_fp16_vae_overflow_falls_back_to_fp32(bundles, caplog):
+    rec = Reconstructor(bundles["fp16"], "cpu")
+    huge = np.full((1, 4, 32, 32), 3e4, np.float32)        # scaled by 1/0.18215: beyond fp16's range
+    with caplog.at_level("WARNING"):
+        img = rec.decode_latents(huge)
+    assert img.shape == (1, 64, 64, 3)
+    assert "decoding it again in fp32" in caplog.text
+    del rec.manifest.components["vae_decoder_fp32"]
+    with pytest.raises(NsdedgeError, match="no fp32 VAE"):
+        rec.decode_latents(huge)
+
+
+def test_calibrate_command(tiny_bundle, tmp_path):
+    from nsdedge.calibration import load_calibration
+
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32))
+    r = run_cli("calibrate", "--bundle", str(tiny_bundle), "--voxels", str(tmp_path / "v.npy"), "--steps", "3",
+                "--out", str(tmp_path / "c.npz"))
+    assert r.returncode == 0, r.stderr
+    c = load_calibration(tmp_path / "c.npz")
+    assert c["unet"]["sample"].shape == (6, 2, 4, 32, 32)          # 2 trials x 3 steps, both CFG halves
+    assert c["unet"]["noise_pred"].shape == (6, 2, 4, 32, 32)
+    assert c["decoder-subj01"]["voxels"].shape == (1, 2, 256)          # one call for both trials
+    assert c["vae_decoder"]["latent"].shape == (2, 1, 4, 32, 32)
