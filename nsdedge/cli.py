@@ -53,7 +53,10 @@ def _parse_decoders(values: tuple[str, ...]) -> dict[str, Path]:
 
 @cli.command()
 @click.option("--preset", type=click.Choice(["tiny", "sd15-random"]), help="Random-weight models; no weights needed.")
-@click.option("--sd", "sd", type=click.Path(path_type=Path), help="SD 1.5 diffusers folder.")
+@click.option("--sd", "sd", type=click.Path(path_type=Path),
+              help="SD 1.5: a diffusers folder, or a single-file .safetensors / .ckpt checkpoint.")
+@click.option("--sd-config", type=click.Path(path_type=Path),
+              help="For a single-file --sd: a diffusers SD 1.5 folder giving its configs and tokenizer.")
 @click.option("--ip-adapter", type=click.Path(path_type=Path), help="ip-adapter-plus_sd15 .bin or .safetensors.")
 @click.option("--image-encoder", type=click.Path(path_type=Path), help="CLIP ViT-H vision folder (transformers).")
 @click.option("--decoder", "decoders", multiple=True, metavar="SUBJECT=FILE", help="A fitted decoder; repeatable.")
@@ -66,7 +69,7 @@ def _parse_decoders(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a preset's random weights.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
-def export(preset, sd, ip_adapter, image_encoder, decoders, precision, calibration_voxels, target, resolution,
+def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision, calibration_voxels, target, resolution,
            prompt, negative_prompt, seed, force, out):
     """Export decoders, the IP-token UNet and the VAE decoder to a verified ONNX bundle."""
     if out.exists() and not force:
@@ -107,7 +110,7 @@ def export(preset, sd, ip_adapter, image_encoder, decoders, precision, calibrati
     else:
         if not decs:
             raise InputError("give at least one --decoder SUBJECT=FILE (fit one with `nsdedge fit`)")
-        src = load_sources(sd, ip_adapter, image_encoder, decs, decoder_files)
+        src = load_sources(sd, ip_adapter, image_encoder, decs, decoder_files, sd_config=sd_config)
     subjects = [d.subject for d in src.decoders]
     if len(set(subjects)) != len(subjects):
         raise InputError(f"two decoders for the same subject in {subjects}")
@@ -252,6 +255,32 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, pro
                                  seed=seed + i, callback=lambda done, total: bar.update(1))
             atomic_write_bytes(targets[i], _png_bytes(image[0]))
     click.echo(f"wrote {len(todo)} image(s) to {out} (provider {rec.provider})")
+
+
+# -- bench ----------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--bundle", type=click.Path(path_type=Path), required=True)
+@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True, help="End-to-end steps.")
+@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--runs", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timed runs per stage.")
+@click.option("--warmup", type=click.IntRange(0, 100), default=1, show_default=True, help="Untimed runs first.")
+@click.option("--e2e-runs", type=click.IntRange(1, 100), default=1, show_default=True)
+@click.option("--provider", type=click.Choice(PROVIDER_NAMES), default="auto", show_default=True)
+@click.option("--low-memory", is_flag=True, help="Load one graph at a time.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results here too.")
+def bench(bundle, steps, guidance, runs, warmup, e2e_runs, provider, low_memory, json_out):
+    """Latency per stage (median, p90, min), load time, peak RSS and sizes of a bundle."""
+    from .bench import bench_bundle, format_table
+    from .bundle import atomic_write_bytes
+
+    t0 = time.perf_counter()
+    r = bench_bundle(bundle, steps=steps, guidance=guidance, runs=runs, warmup=warmup, e2e_runs=e2e_runs,
+                     provider=provider, low_memory=low_memory,
+                     progress=lambda s: click.echo(f"[{time.perf_counter() - t0:7.1f}s] {s}", err=True))
+    r["command"] = " ".join(sys.argv)
+    click.echo(format_table(r))
+    if json_out:
+        atomic_write_bytes(json_out, (json.dumps(r, indent=2) + "\n").encode())
 
 
 # -- calibrate ----------------------------------------------------------------------------------------

@@ -84,35 +84,73 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def load_sd15(path: str | Path) -> dict:
-    """SD 1.5 from a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
+
+def load_sd15(path: str | Path, config: str | Path | None = None) -> dict:
+    """SD 1.5 from a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or from a
+    single-file original checkpoint (.safetensors, or .ckpt read with weights_only) through diffusers'
+    own converter. A single file carries no configs or tokenizer: `config` names a diffusers SD 1.5
+    folder that describes it (only its configs and tokenizer are read); by default the file's own folder."""
     quiet_libraries()
     path = Path(path)
     if path.is_file():
-        raise WeightsError(f"{path}: single-file SD checkpoints are not supported yet; convert it to a diffusers "
-                           f"folder (diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR))")
+        return _load_single_file(path, Path(config) if config else path.parent)
     if not path.is_dir():
-        raise WeightsError(f"{path}: no such SD 1.5 folder")
+        raise WeightsError(f"{path}: no such SD 1.5 folder or checkpoint file")
+    _check_folder(path)
+    return _load_folder(path)
+
+
+def _check_folder(path: Path) -> None:
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (path / sub).is_dir():
             raise WeightsError(f"{path}: not a diffusers SD 1.5 folder: missing {sub}/")
+
+
+def _scheduler_config(path: Path) -> dict:
     try:
         sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError) as e:
         raise WeightsError(f"{path}/scheduler/scheduler_config.json: unreadable ({e})") from None
-    parts = {}
+    return {k: v for k, v in sched.items() if not k.startswith("_")}
+
+
+def _first_line(e: Exception) -> str:
+    msg = str(e).strip()
+    return (msg.splitlines()[0] if msg else type(e).__name__)[:300]
+
+
+def _load_folder(path: Path) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    parts = {"scheduler_config": _scheduler_config(path)}
     for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
                      ("tokenizer", CLIPTokenizer)):
         try:
             parts[sub] = cls.from_pretrained(str(path / sub), local_files_only=True)
         except Exception as e:  # diffusers/transformers raise OSError, ValueError, RuntimeError, ...
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WeightsError(f"{path / sub}: cannot load {cls.__name__}: {msg[:300]}") from None
-    parts["scheduler_config"] = {k: v for k, v in sched.items() if not k.startswith("_")}
+            raise WeightsError(f"{path / sub}: cannot load {cls.__name__}: {_first_line(e)}") from None
     return parts
+
+
+def _load_single_file(path: Path, config: Path) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise WeightsError(f"{path}: a single-file checkpoint must be .safetensors or .ckpt")
+    if not config.is_dir() or not (config / "unet").is_dir():
+        raise WeightsError(f"{path}: a single-file checkpoint needs --sd-config DIR, a diffusers SD 1.5 folder "
+                           f"whose configs and tokenizer describe it (its weights are not read)")
+    _check_folder(config)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                        safety_checker=None, requires_safety_checker=False)
+    except Exception as e:  # the converter raises many types for a wrong or foreign checkpoint
+        raise WeightsError(f"{path}: cannot load as an SD 1.5 checkpoint: {_first_line(e)}") from None
+    return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
+            "scheduler_config": _scheduler_config(config)}
 
 
 def load_image_encoder(path: str | Path):
@@ -123,21 +161,20 @@ def load_image_encoder(path: str | Path):
         raise WeightsError(f"{path}: no such CLIP vision folder")
     try:
         return CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True).eval()
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{path}: cannot load CLIPVisionModelWithProjection: {msg[:300]}") from None
+    except Exception as e:  # transformers raises OSError, ValueError, RuntimeError, ...
+        raise WeightsError(f"{path}: cannot load CLIPVisionModelWithProjection: {_first_line(e)}") from None
 
 
 def load_sources(sd: str | Path, ip_adapter: str | Path, image_encoder: str | Path,
-                 decoders: list, decoder_files: dict[str, Path]) -> Sources:
-    parts = load_sd15(sd)
+                 decoders: list, decoder_files: dict[str, Path], sd_config: str | Path | None = None) -> Sources:
+    parts = load_sd15(sd, sd_config)
     ip = read_ip_adapter(ip_adapter)
     enc = load_image_encoder(image_encoder)
     hidden = enc.config.hidden_size
     if hidden != ip.resampler.embedding_dim:
         raise WeightsError(f"{image_encoder}: CLIP hidden size {hidden} does not match the Resampler's input "
                            f"({ip.resampler.embedding_dim}) in {ip_adapter}")
-    sd_digest = folder_digest(Path(sd))
+    sd_digest = folder_digest(Path(sd)) if Path(sd).is_dir() else file_digest(Path(sd))
     prov = {"unet": sd_digest, "vae": sd_digest, "text_encoder": sd_digest, "ip_adapter": file_digest(Path(ip_adapter)),
             "image_encoder": folder_digest(Path(image_encoder))}
     prov.update({f"decoder-{s}": file_digest(p) for s, p in decoder_files.items()})

@@ -1,0 +1,114 @@
+"""Latency, memory and size of a bundle: what `nsdedge bench` runs. numpy + onnxruntime only.
+
+Warm-up runs are kept apart from timed runs; every stage reports median, p90 and min over its runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .runtime import Reconstructor
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def stats(seconds: list[float]) -> dict[str, float]:
+    a = np.asarray(seconds)
+    return {"median_s": float(np.median(a)), "p90_s": float(np.percentile(a, 90)), "min_s": float(a.min()),
+            "runs": len(a)}
+
+
+def timed(fn: Callable[[], object], runs: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return stats(out)
+
+
+def bench_bundle(bundle: str | Path, *, steps: int = 20, guidance: float = 7.5, runs: int = 5, warmup: int = 1,
+                 e2e_runs: int = 1, provider: str = "auto", low_memory: bool = False,
+                 progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Time every stage of `bundle` and one or more end-to-end reconstructions."""
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    rec = Reconstructor(bundle, provider=provider, low_memory=low_memory)
+    m = rec.manifest
+    subject = next(iter(rec.subjects))
+    comp = m.subjects[subject]
+    for name in (comp, "unet", "vae_decoder"):
+        if not low_memory:
+            rec._session(name)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    voxels = rng.standard_normal((1, rec.subjects[subject])).astype(np.float32)
+    tokens = rec.decode(voxels, subject)
+    h, w = m.latent_size
+    result = {"bundle": str(bundle), "precision": m.precision, "provider": rec.provider,
+              "image_size": list(m.image_size), "steps": steps, "guidance": guidance, "subject": subject,
+              "load_s": load_s, "stages": {},
+              "sizes_mb": {n: sum(m.files[f]["size"] for f in [c.file, *c.data_files]) / 2 ** 20
+                           for n, c in m.components.items()},
+              "versions": {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version()},
+              "machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else os.cpu_count(), "gpu": None}}
+    result["sizes_mb"]["total"] = sum(f["size"] for f in m.files.values()) / 2 ** 20
+
+    progress("decoder")
+    result["stages"]["decoder"] = timed(lambda: rec.decode(voxels, subject), runs, warmup)
+    for batch in (1, 2):
+        progress(f"unet step, batch {batch}")
+        unet = rec._session("unet")
+        dt = unet.input_dtype("sample")
+        feeds = {"sample": rng.standard_normal((batch, m.latent_channels, h, w)).astype(dt),
+                 "timestep": np.array([500], dt), "encoder_hidden_states": np.repeat(rec.prompt_embeds, batch, 0).astype(dt),
+                 "ip_tokens": np.repeat(tokens, batch, 0).astype(dt), "ip_scale": np.array([1.0], dt)}
+        result["stages"][f"unet_step_b{batch}"] = timed(lambda: unet.run(feeds), runs, warmup)
+    rec._release("unet")
+    progress("vae decode")
+    latent = rng.standard_normal((1, m.latent_channels, h, w)).astype(np.float32)
+    result["stages"]["vae_decode"] = timed(lambda: rec.decode_latents(latent), runs, warmup)
+    progress(f"end to end: {steps} steps, guidance {guidance}")
+    result["stages"]["end_to_end"] = timed(lambda: rec(voxels, subject, steps=steps, guidance=guidance),
+                                           e2e_runs, 0)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def format_table(r: dict) -> str:
+    lines = [f"bundle {r['bundle']}  {r['precision']} on {r['provider']}  {r['image_size'][0]}x{r['image_size'][1]}"
+             f"  ({r['machine']['cpu']}, {r['machine']['cores']} cores, onnxruntime {r['versions']['onnxruntime']})",
+             f"  {'stage':<16}{'median s':>10}{'p90 s':>10}{'min s':>10}{'runs':>6}"]
+    for name, s in r["stages"].items():
+        lines.append(f"  {name:<16}{s['median_s']:>10.3f}{s['p90_s']:>10.3f}{s['min_s']:>10.3f}{s['runs']:>6}")
+    lines.append(f"  load {r['load_s']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB; bundle {r['sizes_mb']['total']:.1f} MB "
+                 f"(" + ", ".join(f"{k} {v:.1f}" for k, v in r["sizes_mb"].items() if k != "total") + ")")
+    lines.append(f"  end to end = {r['steps']} steps at guidance {r['guidance']} + decoder + VAE, one image")
+    return "\n".join(lines)
