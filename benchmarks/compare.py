@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -26,16 +25,14 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from nsdedge.bench import peak_rss_mb  # noqa: E402  (VmHWM: ru_maxrss would report the parent's size)
 
 
 def machine_name() -> str:
     from nsdedge.bench import cpu_name
     cores = len(os.sched_getaffinity(0))
     return f"{cpu_name().split()[0].lower()}-{cores}core-{platform.machine()}"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def side_diffusers(a) -> dict:
@@ -106,7 +103,9 @@ def prepare(a, precisions: list[str]) -> None:
             dec = read_decoder(w / "decoder-synth01.safetensors")
             src = load_sources(w / "sd15", w / "ip-adapter-plus_sd15.bin", w / "image_encoder", [dec],
                                {"synth01": w / "decoder-synth01.safetensors"})
-            export_bundle(src, work / f"bundle-{p}", precision=p, resolution=a.resolution, force=True,
+            precision, _, ops = p.partition("+")          # "int8+conv": int8 with the UNet's convs too
+            export_bundle(src, work / f"bundle-{p}", precision=precision, resolution=a.resolution, force=True,
+                          int8_ops="matmul+conv" if ops == "conv" else "matmul",
                           progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
             print(f"  {p} export {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     if not (work / "inputs.npz").exists():
@@ -143,7 +142,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/nsdedge-compare")
-    ap.add_argument("--precisions", default="fp32,int8")
+    ap.add_argument("--precisions", default="fp32,int8", help="bundles to compare: fp32, fp16, int8, int8+conv")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.5)

@@ -44,6 +44,12 @@ def check_plain_name(name: str) -> str:
     return name
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same directory and a rename."""
     path = Path(path)
@@ -53,6 +59,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())        # mkstemp makes 0600; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -195,9 +202,7 @@ class BundleWriter:
             raise BundleError(f"{self.out} exists; pass --force to replace it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)      # mkdtemp makes 0700; a bundle is as readable as any directory
+        os.chmod(self.tmp, 0o777 & ~_umask())    # mkdtemp makes 0700; a bundle is as readable as any directory
         self.force = force
         self.committed = False
 
@@ -211,8 +216,10 @@ class BundleWriter:
     def write_manifest(self, manifest: Manifest) -> None:
         """Hash every file now in `tmp` and write the manifest there (the bundle is then readable in place)."""
         manifest.files = {}
+        umask = _umask()
         for p in sorted(self.tmp.iterdir()):
             if p.is_file() and p.name != MANIFEST:
+                os.chmod(p, 0o666 & ~umask)      # some writers (onnxruntime's quantizer) create files 0600
                 manifest.files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         (self.tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
 

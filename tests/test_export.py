@@ -58,7 +58,7 @@ def test_unconditional_tokens_follow_ip_adapter(tiny_bundle, tiny_weights):
 def test_info_prints_summary(tiny_bundle):
     r = run_cli("info", str(tiny_bundle))
     assert r.returncode == 0, r.stderr
-    for word in ("unet", "vae_decoder", "decoder-subj01", "fp32", "noise_pred", "subj01 (256 voxels)"):
+    for word in ("unet", "vae_decoder", "decoder-subj01", "fp32", "parity (rel L2)", "e-0", "subj01 (256 voxels)"):
         assert word in r.stdout
 
 

@@ -21,6 +21,8 @@ def bundles(tmp_path_factory):
     for p in ("fp16", "int8"):
         export_bundle(build_preset("tiny"), root / p, precision=p)
         out[p] = root / p
+    export_bundle(build_preset("tiny"), root / "int8conv", precision="int8", int8_ops="matmul+conv")
+    out["int8conv"] = root / "int8conv"
     return out
 
 
@@ -47,7 +49,8 @@ def test_fp16_bundle(bundles, tiny_bundle):
 def test_int8_bundle(bundles, tiny_bundle):
     m = read_manifest(bundles["int8"])
     assert m.components["unet"].precision == "int8" and m.components["vae_decoder"].precision == "fp32"
-    assert _size(bundles["int8"], "unet") < 0.8 * _size(tiny_bundle, "unet")
+    assert _size(bundles["int8"], "unet") < 0.9 * _size(tiny_bundle, "unet")
+    assert _size(bundles["int8conv"], "unet") < min(0.75 * _size(tiny_bundle, "unet"), _size(bundles["int8"], "unet"))
     assert _size(bundles["int8"], "decoder-synth01") < 0.35 * _size(tiny_bundle, "decoder-subj01")
     f = m.extra["fidelity"]
     assert 1e-4 < f["component_rel_l2"]["unet"] < 0.1         # quantized, and not broken
@@ -55,13 +58,19 @@ def test_int8_bundle(bundles, tiny_bundle):
     assert f["cfg_spread_ratio"] >= 0.9
     import onnx
     ops = {n.op_type for n in onnx.load(str(bundles["int8"] / m.components["unet"].file)).graph.node}
-    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops and "ConvInteger" not in ops
+    assert m.extra["fidelity"]["int8_ops"] == ["MatMul"]
+    mc = read_manifest(bundles["int8conv"])
+    ops = {n.op_type for n in onnx.load(str(bundles["int8conv"] / mc.components["unet"].file)).graph.node}
+    assert "ConvInteger" in ops
+    fc = mc.extra["fidelity"]
+    assert min(fc["psnr_db"]) >= 30 and fc["cfg_spread_ratio"] >= 0.9
 
 
 def test_conditioning_and_time_embedding_stay_float(bundles):
     import onnx
-    m = read_manifest(bundles["int8"], verify=False)
-    g = onnx.load(str(bundles["int8"] / m.components["unet"].file)).graph
+    m = read_manifest(bundles["int8conv"], verify=False)
+    g = onnx.load(str(bundles["int8conv"] / m.components["unet"].file)).graph
     for n in g.node:
         if ("ip_tokens" in n.input or "encoder_hidden_states" in n.input) and n.op_type != "Shape":
             assert n.op_type == "MatMul", n.name

@@ -45,7 +45,7 @@ def _unet_samples(batch: int, latent: tuple[int, int], seed: int) -> tuple[torch
 
 def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolution: int | None = None,
                   prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-                  force: bool = False, calibration_voxels: Path | None = None,
+                  force: bool = False, calibration_voxels: Path | None = None, int8_ops: str = "matmul",
                   progress: Callable[[str], None] = lambda step: None) -> Manifest:
     """Export every component of `src` into a new bundle at `out`; each graph is verified against torch."""
     if precision not in PRECISIONS:
@@ -102,8 +102,9 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
             precision=precision, components=comps, source=dict(src.provenance),
             extra={"unet_multiple": m, "export_seconds": None})
         if precision != "fp32":
-            from .quantize import quantize_bundle
-            quantize_bundle(w, manifest, precision, calibration_voxels=calibration_voxels, progress=progress)
+            from .quantize import INT8_OP_CHOICES, quantize_bundle
+            quantize_bundle(w, manifest, precision, calibration_voxels=calibration_voxels,
+                            int8_ops=INT8_OP_CHOICES[int8_ops], progress=progress)
         manifest.extra["export_seconds"] = round(time.perf_counter() - t_start, 2)
         progress("writing manifest and checksums")
         w.commit(manifest)
