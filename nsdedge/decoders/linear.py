@@ -107,19 +107,23 @@ class LinearDecoder:
                 os.unlink(tmp)
 
 
-def read_decoder(path: str | Path) -> LinearDecoder:
-    """Read a decoder file written by `nsdedge fit`; check keys and shapes, naming the file and key."""
+def read_safetensors(path: Path, framework: str = "numpy", tensors: bool = True) -> tuple[dict, dict]:
+    """(metadata, tensors) of a decoder file (tensors {} unless asked), or WeightsError naming it."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such decoder file")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
+        with safe_open(str(path), framework=framework) as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable safetensors decoder ({e})") from None
+
+
+def read_decoder(path: str | Path) -> LinearDecoder:
+    """Read a decoder file written by `nsdedge fit`; check keys and shapes, naming the file and key."""
+    path = Path(path)
+    meta, arrays = read_safetensors(path)
     if meta.get("format") != DECODER_FORMAT or meta.get("kind") != "ridge":
         raise WeightsError(f"{path}: not an nsdedge ridge decoder (metadata format={meta.get('format')!r}, "
                            f"kind={meta.get('kind')!r})")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
+from .linear import read_safetensors
 
 ORDERS = ("linear-ln-gelu", "linear-gelu-ln")
 
@@ -101,13 +102,7 @@ def read_mlp(path: str | Path, config: MLPConfig | None = None) -> tuple[BrainGu
         raise WeightsError(f"{path}: no such decoder file")
     subject = None
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+        meta, sd = read_safetensors(path, framework="pt")
         subject = meta.get("subject")
         if config is None and "config" in meta:
             try:

@@ -86,20 +86,12 @@ def export_decoder(dec, path: Path) -> tuple[list[str], dict]:
 
 def read_any_decoder(path: Path):
     """A decoder file of either kind: a ridge safetensors from `nsdedge fit`, or an MLP (safetensors or torch)."""
-    from safetensors import SafetensorError, safe_open
-
-    from ..decoders.linear import read_decoder
+    from ..decoders.linear import read_decoder, read_safetensors
     from ..decoders.mlp import read_mlp
 
     path = Path(path)
     if path.suffix == ".safetensors" and path.is_file():
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                kind = (f.metadata() or {}).get("kind")
-        except (SafetensorError, OSError, ValueError) as e:
-            from ..errors import WeightsError
-            raise WeightsError(f"{path}: not a readable safetensors decoder ({e})") from None
-        if kind == "ridge":
+        if read_safetensors(path, tensors=False)[0].get("kind") == "ridge":
             return read_decoder(path)
     model, subject = read_mlp(path)
     model.subject = subject or "subj01"

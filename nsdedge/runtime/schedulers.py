@@ -36,17 +36,28 @@ def alphas_cumprod(config: dict) -> np.ndarray:
     return np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32)
 
 
-class DDIM:
-    """diffusers DDIMScheduler, eta 0, no clipping or thresholding; timestep_spacing 'leading' by default."""
+class _Schedule:
+    """What every scheduler reads off the config; `default_spacing` is each diffusers class's own default."""
+
+    default_spacing = "linspace"
+    init_noise_sigma = 1.0
 
     def __init__(self, config: dict):
         self.config = dict(config)
         self.ac = alphas_cumprod(config)
         self.n_train = len(self.ac)
-        self.final_ac = np.float32(1.0) if config.get("set_alpha_to_one", True) else self.ac[0]
+        self.spacing = config.get("timestep_spacing", self.default_spacing)
         self.offset = int(config.get("steps_offset", 0))
-        self.spacing = config.get("timestep_spacing", "leading")
-        self.init_noise_sigma = 1.0
+
+
+class DDIM(_Schedule):
+    """diffusers DDIMScheduler, eta 0, no clipping or thresholding; timestep_spacing 'leading' by default."""
+
+    default_spacing = "leading"
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.final_ac = np.float32(1.0) if config.get("set_alpha_to_one", True) else self.ac[0]
 
     def set_timesteps(self, n: int) -> None:
         self.n = n
@@ -78,15 +89,8 @@ def _interp_sigmas(ac: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     return np.concatenate([out, [0.0]]).astype(np.float32)              # final sigma 0 ("zero")
 
 
-class Euler:
+class Euler(_Schedule):
     """diffusers EulerDiscreteScheduler: linspace spacing, linear sigma interpolation, no churn."""
-
-    def __init__(self, config: dict):
-        self.config = dict(config)
-        self.ac = alphas_cumprod(config)
-        self.n_train = len(self.ac)
-        self.spacing = config.get("timestep_spacing", "linspace")
-        self.offset = int(config.get("steps_offset", 0))
 
     def set_timesteps(self, n: int) -> None:
         if self.spacing == "linspace":
@@ -113,18 +117,10 @@ class Euler:
         return (x + derivative * (s_next - s)).astype(np.float32)
 
 
-class DPMSolverPP2M:
+class DPMSolverPP2M(_Schedule):
     """diffusers DPMSolverMultistepScheduler: DPM-Solver++ (2M), midpoint, lower-order final, final sigma 0."""
 
     order = 2
-
-    def __init__(self, config: dict):
-        self.config = dict(config)
-        self.ac = alphas_cumprod(config)
-        self.n_train = len(self.ac)
-        self.spacing = config.get("timestep_spacing", "linspace")
-        self.offset = int(config.get("steps_offset", 0))
-        self.init_noise_sigma = 1.0
 
     def set_timesteps(self, n: int) -> None:
         if self.spacing == "linspace":
