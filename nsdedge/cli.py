@@ -210,9 +210,10 @@ def _png_bytes(image) -> bytes:
 @click.option("--seed", type=int, default=0, show_default=True, help="Trial i uses seed + i.")
 @click.option("--provider", type=click.Choice(PROVIDER_NAMES), default="auto", show_default=True)
 @click.option("--low-memory", is_flag=True, help="Load one graph at a time.")
+@click.option("--no-verify", is_flag=True, help="Skip the bundle's sha256 checks (sizes are still checked).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reconstructions"), show_default=True,
               help="A .png (one trial) or a directory (0000.png, ...).")
-def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, provider, low_memory, out):
+def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, provider, low_memory, no_verify, out):
     """Reconstruct images from a voxel file."""
     from .bundle import atomic_write_bytes
     from .runtime import Reconstructor
@@ -220,7 +221,7 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, pro
 
     if not voxels.exists():
         raise InputError(f"{voxels}: no such file")
-    rec = Reconstructor(bundle or default_bundle(), provider=provider, low_memory=low_memory)
+    rec = Reconstructor(bundle or default_bundle(), provider=provider, low_memory=low_memory, verify=not no_verify)
     subject = rec.subject(subject)
     x = load_voxels(voxels, expected_voxels=rec.subjects[subject])
     n = len(x)
