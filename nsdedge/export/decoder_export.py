@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..decoders.linear import LinearDecoder
-from .onnx_export import OPSET, GraphSpec, rel_l2, verify_onnx
+from .onnx_export import OPSET, GraphSpec, save_onnx, verify_onnx
 
 DECODER_REL_L2 = 1e-5   # fp32 parity bound against the numpy reference (issue "decoders")
 
@@ -42,14 +42,7 @@ def export_linear_decoder(dec: LinearDecoder, path: Path, seed: int = 0) -> tupl
     model.ir_version = 10   # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads up to 13
     onnx.checker.check_model(model, full_check=False)
     path = Path(path)
-    nbytes = sum(m.nbytes for m in mats)
-    if nbytes > (1 << 30):
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data")
-        files = [path.name, path.name + ".data"]
-    else:
-        onnx.save(model, str(path))
-        files = [path.name]
+    files = save_onnx(model, path)
     x = np.random.default_rng(seed).standard_normal((2, dec.voxels)).astype(np.float32) * dec.x_std + dec.x_mean
     x = x.astype(np.float32)
     err = verify_onnx(path, spec, {"voxels": x}, dec.predict(x))

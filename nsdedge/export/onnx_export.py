@@ -93,6 +93,21 @@ def export_onnx(module: torch.nn.Module, spec: GraphSpec, samples: tuple[torch.T
     return files
 
 
+def save_onnx(model, path: Path) -> list[str]:
+    """Save a ModelProto; weights over EXTERNAL_DATA_BYTES go to one `<file>.data`. Returns the file names."""
+    import onnx
+
+    path = Path(path)
+    size = sum(int(np.prod(t.dims)) * (2 if t.data_type == onnx.TensorProto.FLOAT16 else 4)
+               for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_BYTES:
+        data = path.name + ".data"
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+        return [path.name, data]
+    onnx.save(model, str(path))
+    return [path.name]
+
+
 def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     """||a - e|| / ||e|| in float64; 0 when both are 0."""
     a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)

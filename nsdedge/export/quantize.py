@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .onnx_export import EXTERNAL_DATA_BYTES, save_onnx
+
 log = logging.getLogger(__name__)
 
 # Ops kept in fp32 in fp16 graphs: normalisations (variance sums overflow fp16), the sinusoidal time
@@ -32,21 +34,8 @@ INT8_KEEP_FLOAT = ("conv_in.", "conv_out.", "time_embedding.", "time_emb_proj.")
 # Graph inputs whose direct consumers (K/V projections of the conditioning) stay in float under int8.
 INT8_KEEP_FLOAT_INPUTS = ("ip_tokens", "encoder_hidden_states")
 
-EXTERNAL_DATA_BYTES = 1 << 30
 INT8_OPS = ("MatMul",)
 INT8_OP_CHOICES = {"matmul": ("MatMul",), "matmul+conv": ("MatMul", "Conv")}
-
-
-def _save(model, path: Path) -> list[str]:
-    import onnx
-
-    size = sum(np.prod(t.dims) * (2 if t.data_type == 10 else 4) for t in model.graph.initializer)
-    if size > EXTERNAL_DATA_BYTES:
-        data = path.name + ".data"
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
-        return [path.name, data]
-    onnx.save(model, str(path))
-    return [path.name]
 
 
 def to_fp16(src: Path, dst: Path) -> list[str]:
@@ -57,7 +46,7 @@ def to_fp16(src: Path, dst: Path) -> list[str]:
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32_OPS,
                                      disable_shape_infer=True)
     _drop_repeated_casts(model)
-    return _save(model, dst)
+    return save_onnx(model, dst)
 
 
 def _drop_repeated_casts(model) -> None:
@@ -99,7 +88,7 @@ def to_int8_dynamic(src: Path, dst: Path, op_types: tuple[str, ...] = INT8_OPS) 
     model = onnx.load(str(src))
     del model.graph.value_info[:]
     plain = src.with_name(src.stem + ".noshapes.onnx")
-    _save(model, plain)
+    save_onnx(model, plain)
     del model
     try:
         _quantize(plain, dst, op_types, int8_exclusions(src), big)
