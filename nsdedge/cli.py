@@ -62,24 +62,30 @@ def _parse_decoders(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--decoder", "decoders", multiple=True, metavar="SUBJECT=FILE", help="A fitted decoder; repeatable.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
 @click.option("--calibration-voxels", type=click.Path(path_type=Path),
-              help="Real trials: held-out inputs for the fp16/int8 fidelity report.")
+              help="Real trials: the last 2 are held out for the fidelity report; with --target tensorrt --precision "
+                   "int8 the others calibrate the activation scales.")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="A recorded calibration file (`nsdedge calibrate`) for --target tensorrt --precision int8.")
 @click.option("--int8-ops", type=click.Choice(["matmul", "matmul+conv"]), default="matmul", show_default=True,
               help="What int8 covers in the UNet: convs too gives a 0.28x file but ran 2x slower on CPU.")
-@click.option("--target", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--target", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
+              help="tensorrt: int8 is static QDQ (explicit quantization) from calibration data.")
 @click.option("--resolution", type=int, help="Image side in pixels (default: the model's, 512 for SD 1.5).")
 @click.option("--prompt", default=None, help="Text encoded once at export (IP-Adapter's default).")
 @click.option("--negative-prompt", default=None, help="Negative text encoded once at export.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a preset's random weights.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
-def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision, calibration_voxels, int8_ops, target,
-           resolution, prompt, negative_prompt, seed, force, out):
+def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision, calibration_voxels, calibration,
+           int8_ops, target, resolution, prompt, negative_prompt, seed, force, out):
     """Export decoders, the IP-token UNet and the VAE decoder to a verified ONNX bundle."""
     if out.exists() and not force:
         raise InputError(f"{out} exists; pass --force to replace it")
-    if target == "tensorrt":
-        raise NsdedgeError("--target tensorrt is not available yet: export an onnx bundle and run it with "
-                           "--provider tensorrt on the target GPU")
+    if precision == "int8" and target == "tensorrt" and not (calibration_voxels or calibration):
+        raise InputError("--target tensorrt --precision int8 is static (explicit Q/DQ) and needs calibration data: "
+                         "--calibration-voxels FILE (real trials) or --calibration FILE.npz (`nsdedge calibrate`)")
+    if calibration is not None and not calibration.is_file():
+        raise InputError(f"{calibration}: no such calibration file")
     if bool(preset) == bool(sd):
         raise InputError("give either --preset or --sd (with --ip-adapter and --image-encoder)")
     if sd and not (ip_adapter and image_encoder):
@@ -120,7 +126,8 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
     m = export_bundle(src, out, precision=precision, resolution=resolution,
                       prompt=prompt if prompt is not None else DEFAULT_PROMPT,
                       negative_prompt=negative_prompt if negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
-                      force=force, calibration_voxels=calibration_voxels, int8_ops=int8_ops, progress=progress)
+                      force=force, calibration_voxels=calibration_voxels, int8_ops=int8_ops, target=target,
+                      calibration=calibration, progress=progress)
     click.echo(_summary(out, m))
 
 
@@ -134,7 +141,8 @@ def _human(n: int) -> str:
 
 
 def _summary(path: Path, m) -> str:
-    lines = [f"bundle {path}  (nsdedge {m.nsdedge_version}, schema {m.schema_version}, {m.precision})",
+    lines = [f"bundle {path}  (nsdedge {m.nsdedge_version}, schema {m.schema_version}, {m.precision}, "
+             f"target {m.extra.get('target', 'onnx')})",
              f"  image {m.image_size[0]}x{m.image_size[1]}, latent {m.latent_channels}x{m.latent_size[0]}x"
              f"{m.latent_size[1]} (VAE factor {m.vae_scale_factor}, scaling {m.vae_scaling_factor})",
              f"  prompt {m.prompt!r}; negative {m.negative_prompt!r}",
@@ -152,6 +160,9 @@ def _summary(path: Path, m) -> str:
     if f:
         lines.append(f"  fidelity of {f['precision']} against fp32 ({f['inputs']}, {f['steps']} steps, "
                      f"guidance {f['guidance']}):")
+        if f.get("int8_scheme"):
+            lines.append(f"    int8: {f['int8_scheme']} over {', '.join(f['int8_ops'])}"
+                         + (f"; calibration calls {f['calibration_calls']}" if f.get("calibration_calls") else ""))
         lines.append("    component rel L2: " + ", ".join(f"{k} {v:.2e}" for k, v in f["component_rel_l2"].items()))
         lines.append("    image PSNR dB: " + ", ".join(f"{v:.1f}" for v in f["psnr_db"])
                      + "; SSIM: " + ", ".join(f"{v:.4f}" for v in f["ssim"]))
@@ -199,6 +210,19 @@ def _png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
+def _parse_trials(text: str | None) -> slice | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", text)
+    if not m:
+        raise InputError(f"--trials {text!r}: expected START:STOP, e.g. 0:10")
+    start = int(m.group(1) or 0)
+    stop = int(m.group(2)) if m.group(2) else None
+    if stop is not None and stop <= start:
+        raise InputError(f"--trials {text!r}: STOP must be greater than START")
+    return slice(start, stop)
+
+
 @cli.command()
 @click.option("--voxels", type=click.Path(path_type=Path), required=True, help="(V,) or (N, V) .npy / .npz.")
 @click.option("--bundle", type=click.Path(path_type=Path), help="Bundle directory (default: the tiny preset).")
@@ -211,9 +235,12 @@ def _png_bytes(image) -> bytes:
 @click.option("--provider", type=click.Choice(PROVIDER_NAMES), default="auto", show_default=True)
 @click.option("--low-memory", is_flag=True, help="Load one graph at a time.")
 @click.option("--no-verify", is_flag=True, help="Skip the bundle's sha256 checks (sizes are still checked).")
+@click.option("--trials", default=None, metavar="START:STOP",
+              help="Only these rows of the voxel file (e.g. 0:10); images keep their row numbers.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reconstructions"), show_default=True,
               help="A .png (one trial) or a directory (0000.png, ...).")
-def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, provider, low_memory, no_verify, out):
+def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, provider, low_memory, no_verify, trials,
+        out):
     """Reconstruct images from a voxel file."""
     from .bundle import atomic_write_bytes
     from .runtime import Reconstructor
@@ -223,7 +250,9 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, pro
         raise InputError(f"{voxels}: no such file")
     rec = Reconstructor(bundle or default_bundle(), provider=provider, low_memory=low_memory, verify=not no_verify)
     subject = rec.subject(subject)
-    x = load_voxels(voxels, expected_voxels=rec.subjects[subject])
+    rows = _parse_trials(trials)
+    first = rows.start if rows else 0
+    x = load_voxels(voxels, expected_voxels=rec.subjects[subject], rows=rows)
     n = len(x)
     single = out.suffix.lower() == ".png"
     if single and n != 1:
@@ -246,7 +275,7 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, pro
                                  f"choose another --out or delete it")
         else:
             atomic_write_bytes(record, (json.dumps(settings, indent=2) + "\n").encode())
-        targets = [out / f"{i:04d}.png" for i in range(n)]
+        targets = [out / f"{first + i:04d}.png" for i in range(n)]
     todo = [i for i in range(n) if single or not targets[i].exists()]
     if len(todo) < n:
         click.echo(f"{n - len(todo)} of {n} images already in {out}; skipping them", err=True)
@@ -256,7 +285,7 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, pro
         for i in todo:
             tokens = rec.decode(x[i:i + 1], subject, name=str(voxels))
             image = rec.generate(tokens, steps=steps, guidance=guidance, ip_scale=ip_scale, scheduler=scheduler,
-                                 seed=seed + i, callback=lambda done, total: bar.update(1))
+                                 seed=seed + first + i, callback=lambda done, total: bar.update(1))
             atomic_write_bytes(targets[i], _png_bytes(image[0]))
     click.echo(f"wrote {len(todo)} image(s) to {out} (provider {rec.provider})")
 
@@ -362,6 +391,115 @@ def fit(voxels, embeddings, out, subject, alphas, rank, no_rescale):
     dec.save(out)
     click.echo(f"wrote {out}: {subject}, {dec.voxels} voxels, rank {dec.rank or 'full'}, "
                f"alphas per token {report.alphas}, {report.seconds:.1f} s")
+
+
+# -- embed ----------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--stimuli", type=click.Path(path_type=Path), required=True,
+              help="Images: an (N, H, W, 3) .npy (NSD's stimuli, memory-mapped) or a directory.")
+@click.option("--ip-adapter", type=click.Path(path_type=Path), required=True,
+              help="ip-adapter-plus_sd15 .bin or .safetensors (its Resampler makes the tokens).")
+@click.option("--image-encoder", type=click.Path(path_type=Path), required=True, help="CLIP ViT-H vision folder.")
+@click.option("--batch", type=click.IntRange(1, 1024), default=16, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Tokens (N, 16, 768) .npy.")
+def embed(stimuli, ip_adapter, image_encoder, batch, out):
+    """IP-Adapter-Plus tokens of the stimuli: the targets of `nsdedge fit`."""
+    from .images import ImageSet
+
+    images = ImageSet(stimuli)
+    try:
+        from .export.embed import embed_images
+        from .export.ip_adapter import read_ip_adapter
+        from .export.sources import load_image_encoder, quiet_libraries
+    except ImportError as e:
+        raise NsdedgeError(f"embed needs the export extra ({e.name} is missing): pip install 'nsdedge[export]'") from None
+    quiet_libraries()
+    ip = read_ip_adapter(ip_adapter)
+    enc = load_image_encoder(image_encoder)
+    if enc.config.hidden_size != ip.resampler.embedding_dim:
+        raise InputError(f"{image_encoder}: CLIP hidden size {enc.config.hidden_size} does not match the "
+                         f"Resampler's input ({ip.resampler.embedding_dim}) in {ip_adapter}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with click.progressbar(length=len(images), label=f"{len(images)} images", file=sys.stderr) as bar:
+        last = [0]
+
+        def progress(done, total):
+            bar.update(done - last[0])
+            last[0] = done
+
+        embed_images(images, ip, enc, out, batch=batch, progress=progress)
+    click.echo(f"wrote {out}: ({len(images)}, {ip.num_tokens}, {ip.resampler.output_dim}) tokens from {stimuli}")
+
+
+# -- eval -----------------------------------------------------------------------------------------------
+@cli.command("eval")
+@click.option("--recons", type=click.Path(path_type=Path), required=True,
+              help="Reconstructions: a directory of PNGs (as `nsdedge run` writes) or an (N, H, W, 3) .npy.")
+@click.option("--stimuli", type=click.Path(path_type=Path),
+              help="The seen images: an (N, H, W, 3) .npy (NSD's 425 x 425 uint8, memory-mapped) or a directory.")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="Fidelity mode: another bundle's output to compare against instead of the stimuli.")
+@click.option("--preset", type=click.Choice(["mindeye", "braindiffuser"]), default="mindeye", show_default=True,
+              help="Image sizes of the published tables.")
+@click.option("--weights-dir", type=click.Path(path_type=Path),
+              help="Local weights of the feature networks (torchvision file names; clip-vit-large-patch14/).")
+@click.option("--pixel-only", is_flag=True, help="Only PixCorr and SSIM (no torch needed).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results here too.")
+@click.option("--sheet", type=click.Path(path_type=Path), help="Write a contact sheet PNG (reference above recons).")
+@click.option("--sheet-count", type=click.IntRange(1, 1000), default=16, show_default=True)
+def eval_(recons, stimuli, reference, preset, weights_dir, pixel_only, json_out, sheet, sheet_count):
+    """PixCorr, SSIM and the six feature metrics of reconstructions against stimuli (or another bundle's output)."""
+    from .bundle import atomic_write_bytes
+    from .evaluate import METRICS, evaluate, format_metrics, missing_weights
+    from .images import ImageSet, contact_sheet, pair_keys
+
+    if (stimuli is None) == (reference is None):
+        raise InputError("give exactly one of --stimuli (the seen images) or --reference (fidelity mode)")
+    try:
+        import scipy  # noqa: F401  (SSIM's Gaussian window)
+    except ImportError:
+        raise NsdedgeError("eval needs scipy: pip install 'nsdedge[eval]'") from None
+    if weights_dir is not None and not weights_dir.is_dir():
+        raise InputError(f"{weights_dir}: no such directory (--weights-dir)")
+    rset, ref = ImageSet(recons), ImageSet(stimuli or reference)
+    keys = pair_keys(rset, ref)
+    metrics = tuple(m for m in METRICS if not (pixel_only and m.network))
+    missing = missing_weights(weights_dir, metrics)
+    if missing:
+        from .features import NETWORKS
+
+        need = "; ".join(f"{NETWORKS[n].files[0]} ({', '.join(ms)})" for n, ms in missing.items())
+        where = f"in {weights_dir}" if weights_dir else "(no --weights-dir given)"
+        click.echo(f"note: feature metrics skipped, weights not found {where}: {need}", err=True)
+    if len(missing) < len({m.network for m in metrics if m.network}):
+        try:
+            import torch  # noqa: F401
+            import torchvision  # noqa: F401
+        except ImportError as e:
+            raise NsdedgeError(f"feature metrics need torch and torchvision ({e.name} is missing): "
+                               f"pip install 'nsdedge[eval]', or pass --pixel-only") from None
+    with click.progressbar(length=len(keys), label=f"{len(keys)} images", file=sys.stderr) as bar:
+        last = [0]
+
+        def progress(done, total):
+            bar.update(done - last[0])
+            last[0] = done
+
+        result = evaluate(rset, ref, preset=preset, weights_dir=weights_dir, fidelity=reference is not None,
+                          metrics=metrics, progress=progress)
+    result["command"] = " ".join(sys.argv)
+    click.echo(format_metrics(result))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        # JSON has no infinity: identical images (PSNR inf) are written as the string "inf"
+        finite = {k: ("inf" if isinstance(v, float) and v == float("inf") else v) for k, v in result["metrics"].items()}
+        atomic_write_bytes(json_out, (json.dumps({**result, "metrics": finite}, indent=2) + "\n").encode())
+        click.echo(f"wrote {json_out}")
+    if sheet:
+        show = keys[:sheet_count]
+        sheet.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(sheet, _png_bytes(contact_sheet(ref.read(show), rset.read(show))))
+        click.echo(f"wrote {sheet} ({len(show)} pairs)")
 
 
 def main() -> None:

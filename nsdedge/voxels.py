@@ -10,10 +10,13 @@ import numpy as np
 from .errors import InputError
 
 
-def load_voxels(path: str | Path, expected_voxels: int | None = None, key: str | None = None) -> np.ndarray:
+def load_voxels(path: str | Path, expected_voxels: int | None = None, key: str | None = None,
+                rows: slice | None = None) -> np.ndarray:
     """Read one trial (V,) or many (N, V) from `path`; return float32 (N, V) or raise InputError.
 
-    An .npz must hold exactly one array, or name it with `key`.
+    An .npz must hold exactly one array, or name it with `key`. An .npy is memory-mapped and only `rows`
+    (all by default) are read and converted, so Brain-Diffuser's float64 (8859, V) file costs a float32 copy
+    of the rows asked for, not a float64 copy of the whole file.
     """
     path = Path(path)
     if not path.exists():
@@ -31,7 +34,7 @@ def load_voxels(path: str | Path, expected_voxels: int | None = None, key: str |
     if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":
         raise InputError(f"{path}: not a readable .npy/.npz file (no numpy or zip header)")
     try:
-        loaded = np.load(path, allow_pickle=False, mmap_mode=None)
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r")
     except ValueError as e:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise InputError(f"{path}: holds a pickled or object array, which nsdedge never unpickles; "
@@ -56,6 +59,11 @@ def load_voxels(path: str | Path, expected_voxels: int | None = None, key: str |
                                  f"unpickles") from None
     else:
         arr = loaded
+    if rows is not None and arr.ndim == 2:
+        total = len(arr)
+        arr = arr[rows]
+        if len(arr) == 0:
+            raise InputError(f"{path}: trials {rows.start}:{rows.stop} select nothing (the file holds {total})")
     return validate_voxels(arr, str(path), expected_voxels)
 
 

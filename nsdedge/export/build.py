@@ -46,10 +46,16 @@ def _unet_samples(batch: int, latent: tuple[int, int], seed: int) -> tuple[torch
 def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolution: int | None = None,
                   prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
                   force: bool = False, calibration_voxels: Path | None = None, int8_ops: str = "matmul",
+                  target: str = "onnx", calibration: Path | None = None,
                   progress: Callable[[str], None] = lambda step: None) -> Manifest:
     """Export every component of `src` into a new bundle at `out`; each graph is verified against torch."""
     if precision not in PRECISIONS:
         raise NsdedgeError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if target not in ("onnx", "tensorrt"):
+        raise NsdedgeError(f"unknown target {target!r} (choose from onnx, tensorrt)")
+    if precision == "int8" and target == "tensorrt" and calibration_voxels is None and calibration is None:
+        raise NsdedgeError("int8 for TensorRT is static: it needs calibration data, --calibration-voxels FILE "
+                           "(real trials of a subject) or --calibration FILE.npz (from `nsdedge calibrate`)")
     resolution = resolution or src.resolution or src.unet.config.sample_size * src.vae_scale_factor
     f, m = src.vae_scale_factor, src.unet_multiple
     if resolution % (f * m):
@@ -100,11 +106,12 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
             vae_scale_factor=f, vae_scaling_factor=float(src.vae.config.scaling_factor),
             scheduler_config=dict(src.scheduler_config), prompt=prompt, negative_prompt=negative_prompt,
             precision=precision, components=comps, source=dict(src.provenance),
-            extra={"unet_multiple": m, "export_seconds": None})
+            extra={"unet_multiple": m, "export_seconds": None, "target": target})
         if precision != "fp32":
             from .quantize import INT8_OP_CHOICES, quantize_bundle
             quantize_bundle(w, manifest, precision, calibration_voxels=calibration_voxels,
-                            int8_ops=INT8_OP_CHOICES[int8_ops], progress=progress)
+                            int8_ops=INT8_OP_CHOICES[int8_ops], target=target, calibration=calibration,
+                            progress=progress)
         manifest.extra["export_seconds"] = round(time.perf_counter() - t_start, 2)
         progress("writing manifest and checksums")
         w.commit(manifest)

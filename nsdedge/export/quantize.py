@@ -11,16 +11,25 @@ int8 (CPU target): dynamic quantization (weights int8 per tensor, activations qu
       dynamic ConvInteger took 9.8 s of a 12.5 s step where fp32 Conv takes 1.9 s of 5.6 s. Quantizing them
       too (int8_ops=("MatMul", "Conv")) shrinks the UNet file to 0.28x of fp32 instead of about 0.8x.
       The VAE decoder stays fp32 (all Convs, and it sets the final pixels).
+int8 (TensorRT target): explicit quantization, which is what TensorRT builds int8 engines from: static QDQ
+      (QuantizeLinear / DequantizeLinear pairs) with symmetric int8 activations whose scales come from a
+      calibration run of the fp32 pipeline over real trials (every step, both CFG halves), and per-channel
+      symmetric int8 weights. Covers Conv and MatMul (NVIDIA's SD recipe: convs, FFN, QKV), keeps the same
+      layers in float as the CPU int8 plus conv_shortcut (QDQ_KEEP_FLOAT). The QDQ graph also runs on
+      onnxruntime's CPU provider, which is how it is verified here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import NsdedgeError
 from .onnx_export import EXTERNAL_DATA_BYTES, save_onnx
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,12 @@ INT8_KEEP_FLOAT_INPUTS = ("ip_tokens", "encoder_hidden_states")
 
 INT8_OPS = ("MatMul",)
 INT8_OP_CHOICES = {"matmul": ("MatMul",), "matmul+conv": ("MatMul", "Conv")}
+
+# TensorRT target (static QDQ)
+QDQ_OPS = ("Conv", "MatMul")
+QDQ_KEEP_FLOAT = (*INT8_KEEP_FLOAT, "conv_shortcut.")
+QDQ_CALIBRATION = "minmax"            # "minmax" | "percentile" (99.999): ModelOpt recommends max for TensorRT
+TARGETS = ("onnx", "tensorrt")
 
 
 def to_fp16(src: Path, dst: Path) -> list[str]:
@@ -64,7 +79,7 @@ def _drop_repeated_casts(model) -> None:
     model.graph.node.extend(keep)
 
 
-def int8_exclusions(path: Path) -> list[str]:
+def int8_exclusions(path: Path, keep_float: tuple[str, ...] = INT8_KEEP_FLOAT) -> list[str]:
     """Names of the MatMul / Conv nodes that stay in float (see INT8_KEEP_FLOAT*)."""
     import onnx
 
@@ -73,56 +88,115 @@ def int8_exclusions(path: Path) -> list[str]:
     for n in model.graph.node:
         if n.op_type not in ("MatMul", "Conv", "Gemm"):
             continue
-        if any(frag in i for i in n.input for frag in INT8_KEEP_FLOAT) or \
+        if any(frag in i for i in n.input for frag in keep_float) or \
                 any(i in INT8_KEEP_FLOAT_INPUTS for i in n.input):
             keep.append(n.name)
     return keep
 
 
-def to_int8_dynamic(src: Path, dst: Path, op_types: tuple[str, ...] = INT8_OPS) -> list[str]:
+@contextlib.contextmanager
+def _without_value_info(src: Path):
+    """A copy of `src` without value_info: the exporter's symbolic shapes make onnx's shape inference, which
+    the quantizers run, fail ("Inferred shape and existing shape differ")."""
     import onnx
 
-    big = sum(p.stat().st_size for p in src.parent.glob(src.name + "*")) > EXTERNAL_DATA_BYTES
-    # the exporter's value_info carries symbolic shapes that onnx's shape inference, which the quantizer
-    # runs, rejects ("Inferred shape and existing shape differ"): hand the quantizer a copy without them
     model = onnx.load(str(src))
     del model.graph.value_info[:]
     plain = src.with_name(src.stem + ".noshapes.onnx")
     save_onnx(model, plain)
     del model
     try:
-        _quantize(plain, dst, op_types, int8_exclusions(src), big)
+        yield plain
     finally:
         remove(src.parent, [plain.name, plain.name + ".data"])
-    files = [dst.name]
-    if (dst.parent / (dst.name + ".data")).exists():
-        files.append(dst.name + ".data")
-    return files
 
 
-def _quantize(src: Path, dst: Path, op_types, exclude: list[str], big: bool) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+@contextlib.contextmanager
+def _quiet_root_logger():
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)   # the quantizer advises pre-processing on the root logger at every call
     try:
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(op_types), weight_type=QuantType.QInt8,
-                         per_channel=False, nodes_to_exclude=exclude, use_external_data_format=big,
-                         extra_options={"MatMulConstBOnly": True})
+        yield
     finally:
         root.setLevel(level)
 
 
+def _is_big(src: Path) -> bool:
+    return sum(p.stat().st_size for p in src.parent.glob(src.name + "*")) > EXTERNAL_DATA_BYTES
+
+
+def _written(dst: Path) -> list[str]:
+    return [dst.name] + ([dst.name + ".data"] if (dst.parent / (dst.name + ".data")).exists() else [])
+
+
+def to_int8_dynamic(src: Path, dst: Path, op_types: tuple[str, ...] = INT8_OPS) -> list[str]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _without_value_info(src) as plain, _quiet_root_logger():
+        quantize_dynamic(str(plain), str(dst), op_types_to_quantize=list(op_types), weight_type=QuantType.QInt8,
+                         per_channel=False, nodes_to_exclude=int8_exclusions(src), use_external_data_format=_is_big(src),
+                         extra_options={"MatMulConstBOnly": True})
+    return _written(dst)
+
+
+class _Feeds:
+    """onnxruntime's CalibrationDataReader over recorded feeds (one dict per graph call)."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], op_types: tuple[str, ...] = QDQ_OPS,
+                method: str = QDQ_CALIBRATION) -> list[str]:
+    """Static QDQ for TensorRT: activation scales from `feeds` (recorded real inputs), symmetric int8
+    activations, per-channel symmetric int8 weights (output channels: Conv axis 0, MatMul axis 1)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not feeds:
+        raise NsdedgeError(f"{src.name}: no calibration inputs recorded for static int8")
+    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[method]
+    with tempfile.TemporaryDirectory(dir=src.parent, prefix=".calib-") as scratch, \
+            _without_value_info(src) as plain, _quiet_root_logger():
+        # the calibrator writes an augmented copy of the model (every tensor an output) to a temp dir:
+        # keep it on the bundle's disk, not /tmp, and compute ranges a few calls at a time to bound memory
+        old = tempfile.tempdir
+        tempfile.tempdir = scratch
+        try:
+            quantize_static(str(plain), str(dst), _Feeds(feeds), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(op_types), per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=int8_exclusions(src, QDQ_KEEP_FLOAT),
+                            use_external_data_format=_is_big(src), calibrate_method=calibrate,
+                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                           "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                                           "MatMulConstBOnly": True,     # weights; attention BMMs stay float
+                                           "CalibMaxIntermediateOutputs": 4,
+                                           "CalibPercentile": 99.999})
+        finally:
+            tempfile.tempdir = old
+    return _written(dst)
+
+
 def convert_component(folder: Path, name: str, file: str, precision: str,
-                      int8_ops: tuple[str, ...] = INT8_OPS) -> tuple[list[str], str]:
-    """Write `<stem>.<precision>.onnx` beside the fp32 graph; returns (files written, precision it ended in)."""
+                      int8_ops: tuple[str, ...] = INT8_OPS, target: str = "onnx",
+                      feeds: list[dict] | None = None) -> tuple[list[str], str]:
+    """Write `<stem>.<precision>.onnx` beside the fp32 graph; returns (files written, precision it ended in).
+    For int8 on the TensorRT target, `feeds` are the recorded inputs that calibrate the activation scales."""
     src = folder / file
     dst = folder / file.replace(".onnx", f".{precision}.onnx")
     if precision == "fp16":
         return to_fp16(src, dst), "fp16"
     if name == "vae_decoder":
         return [], "fp32"                                   # int8 bundles keep the fp32 VAE
+    if target == "tensorrt":
+        if not feeds:
+            log.warning("%s: no calibration inputs recorded; it stays fp32", name)
+            return [], "fp32"
+        return to_int8_qdq(src, dst, feeds, QDQ_OPS if name == "unet" else ("MatMul",)), "int8"
     return to_int8_dynamic(src, dst, int8_ops if name == "unet" else ("MatMul",)), "int8"
 
 
@@ -163,9 +237,45 @@ def fidelity_voxels(manifest, calibration_voxels: Path | None, n: int = 2, seed:
     return out
 
 
+def calibration_records(folder: Path, calibration_voxels: Path | None, calibration: Path | None,
+                        held_out: int, steps: int, guidance: float, progress=lambda s: None) -> dict:
+    """{component: [feeds, ...]} for static int8: a recorded file (`nsdedge calibrate`), or a fresh recording
+    of the fp32 bundle in `folder` over the calibration trials that are not held out for the fidelity report."""
+    from ..calibration import load_calibration, record_calibration
+    from ..runtime import Reconstructor
+    from ..voxels import load_voxels
+
+    if calibration is not None:
+        data = load_calibration(calibration)
+    elif calibration_voxels is not None:
+        rec = Reconstructor(folder, "cpu", verify=False)
+        x = load_voxels(calibration_voxels)
+        fit = x[:-held_out] if len(x) > held_out else x
+        data = {}
+        for subject, comp in rec.manifest.subjects.items():
+            if fit.shape[1] != rec.subjects[subject]:
+                continue
+            progress(f"calibration: recording the fp32 pipeline over {len(fit)} trial(s) of {subject}")
+            recorded: dict = {}
+            for k, v in record_calibration(rec, fit, subject, steps=steps, guidance=guidance).arrays().items():
+                c, _, n = k.rpartition("/")
+                recorded.setdefault(c, {})[n] = v
+            for c, arrays in recorded.items():
+                data.setdefault(c, arrays)                    # one subject's UNet and VAE calls are plenty
+    else:
+        raise NsdedgeError("int8 for TensorRT is static: it needs calibration data, --calibration-voxels FILE "
+                           "(real trials of a subject) or --calibration FILE.npz (from `nsdedge calibrate`)")
+    out = {}
+    for comp, arrays in data.items():
+        names = [n for n in arrays if n != "noise_pred"]
+        calls = len(arrays[names[0]]) if names else 0
+        out[comp] = [{n: np.asarray(arrays[n][i], np.float32) for n in names} for i in range(calls)]
+    return out
+
+
 def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path | None = None,
                     steps: int = 10, guidance: float = 7.5, int8_ops: tuple[str, ...] = INT8_OPS,
-                    progress=lambda s: None) -> dict:
+                    target: str = "onnx", calibration: Path | None = None, progress=lambda s: None) -> dict:
     """Convert the fp32 graphs in `writer.tmp` to `precision` and write the fidelity report into the manifest."""
     from ..calibration import Recorder
     from ..evaluate import psnr, ssim
@@ -191,10 +301,13 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         picks = range(count) if component != "unet" else sorted({0, count // 2, count - 1})
         return [{n: calls[f"{component}/{n}"][i] for n in names} for i in picks]
 
+    static = precision == "int8" and target == "tensorrt"
+    records = (calibration_records(folder, calibration_voxels, calibration, len(trials[first]), steps, guidance,
+                                   progress) if static else {})
     component_errors = {}
     for name, comp in list(manifest.components.items()):
-        progress(f"{precision}: {name}")
-        files, got = convert_component(folder, name, comp.file, precision, int8_ops)
+        progress(f"{precision}{' (static QDQ)' if static else ''}: {name}")
+        files, got = convert_component(folder, name, comp.file, precision, int8_ops, target, records.get(name))
         if not files:
             continue
         if name.startswith("decoder-"):
@@ -224,7 +337,11 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
 
     s_ref, s_q = spread(calls["unet/noise_pred"]), spread(qcalls["unet/noise_pred"])
     fidelity = {
-        "precision": precision, "int8_ops": list(int8_ops) if precision == "int8" else None, "steps": steps, "guidance": guidance, "subject": first,
+        "precision": precision, "target": target, "steps": steps, "guidance": guidance, "subject": first,
+        "int8_ops": (list(QDQ_OPS) if static else list(int8_ops)) if precision == "int8" else None,
+        "int8_scheme": ("static QDQ, symmetric activations, per-channel weights" if static
+                        else "dynamic, per-tensor weights") if precision == "int8" else None,
+        "calibration_calls": {k: len(v) for k, v in records.items()} if static else None,
         "inputs": "calibration (held-out)" if calibration_voxels else "standard-normal voxels",
         "component_rel_l2": component_errors,
         "tokens_rel_l2": {s: float(np.linalg.norm(q_t - ref_tokens[s]) / np.linalg.norm(ref_tokens[s]))

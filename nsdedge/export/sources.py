@@ -191,10 +191,19 @@ def encode_prompt(tokenizer, text_encoder, prompt: str) -> np.ndarray:
     return text_encoder(ids)[0].float().numpy()
 
 
+def image_projection(ip: IPAdapterWeights) -> torch.nn.Module:
+    """IP-Adapter-Plus's Resampler as diffusers builds it from the checkpoint (diffusers' own converter; it only
+    needs the UNet instance for low_cpu_mem_usage, which is off here)."""
+    from diffusers import UNet2DConditionModel
+
+    convert = UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers
+    return convert(None, ip.image_proj, low_cpu_mem_usage=False).eval()
+
+
 @torch.no_grad()
 def unconditional_tokens(unet, ip: IPAdapterWeights, image_encoder) -> np.ndarray:
     """IP-Adapter's unconditional tokens: the Resampler over CLIP hidden_states[-2] of a zeros (normalised) image."""
-    proj = unet._convert_ip_adapter_image_proj_to_diffusers(ip.image_proj, low_cpu_mem_usage=False).eval()
+    proj = image_projection(ip)
     size = image_encoder.config.image_size
     hidden = image_encoder(torch.zeros(1, 3, size, size), output_hidden_states=True).hidden_states[-2]
     return proj(hidden).float().numpy()                       # (1, 16, 768)
