@@ -21,7 +21,7 @@ from .errors import InputError, NsdedgeError
 log = logging.getLogger("nsdedge")
 
 SCHEDULERS = ("ddim", "dpm", "euler")
-PROVIDER_NAMES = ("auto", "cpu", "cuda", "tensorrt")
+PROVIDER_NAMES = ("auto", "cpu", "cuda", "tensorrt", "engine")
 DEFAULT_PRESET = "tiny"
 
 
@@ -70,6 +70,8 @@ def _parse_decoders(values: tuple[str, ...]) -> dict[str, Path]:
               help="What int8 covers in the UNet: convs too gives a 0.28x file but ran 2x slower on CPU.")
 @click.option("--target", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
               help="tensorrt: int8 is static QDQ (explicit quantization) from calibration data.")
+@click.option("--opset", type=click.IntRange(14, 18), default=18, show_default=True,
+              help="ONNX opset of the UNet and VAE graphs: 17 for TensorRT 8.6, 16 for JetPack 5 / TensorRT 8.5.")
 @click.option("--resolution", type=int, help="Image side in pixels (default: the model's, 512 for SD 1.5).")
 @click.option("--prompt", default=None, help="Text encoded once at export (IP-Adapter's default).")
 @click.option("--negative-prompt", default=None, help="Negative text encoded once at export.")
@@ -77,7 +79,7 @@ def _parse_decoders(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision, calibration_voxels, calibration,
-           int8_ops, target, resolution, prompt, negative_prompt, seed, force, out):
+           int8_ops, target, opset, resolution, prompt, negative_prompt, seed, force, out):
     """Export decoders, the IP-token UNet and the VAE decoder to a verified ONNX bundle."""
     if out.exists() and not force:
         raise InputError(f"{out} exists; pass --force to replace it")
@@ -127,8 +129,12 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
                       prompt=prompt if prompt is not None else DEFAULT_PROMPT,
                       negative_prompt=negative_prompt if negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
                       force=force, calibration_voxels=calibration_voxels, int8_ops=int8_ops, target=target,
-                      calibration=calibration, progress=progress)
+                      calibration=calibration, opset=opset, progress=progress)
     click.echo(_summary(out, m))
+    if target == "tensorrt":
+        click.echo(f"TensorRT engines are tied to the GPU and TensorRT version: on the target machine run\n"
+                   f"  nsdedge build-engines {out}\nthen `nsdedge run --provider engine` (or --provider tensorrt to let "
+                   f"onnxruntime build and cache them)")
 
 
 # -- info -------------------------------------------------------------------------------------------
@@ -391,6 +397,34 @@ def fit(voxels, embeddings, out, subject, alphas, rank, no_rescale):
     dec.save(out)
     click.echo(f"wrote {out}: {subject}, {dec.voxels} voxels, rank {dec.rank or 'full'}, "
                f"alphas per token {report.alphas}, {report.seconds:.1f} s")
+
+
+# -- build-engines --------------------------------------------------------------------------------------
+@cli.command("build-engines")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--cache", type=click.Path(path_type=Path), help="Engine cache (default: BUNDLE/engines).")
+@click.option("--batch", "batches", default="1,2", show_default=True,
+              help="Batch sizes, one static profile each (2 = guidance, 1 = no guidance).")
+@click.option("--dynamic", is_flag=True, help="One dynamic profile instead (batch and 0.5x-1.5x resolution; ~13% slower).")
+@click.option("--workspace-gb", type=float, default=4.0, show_default=True, help="Builder workspace cap (edge: 1-2).")
+@click.option("--force", is_flag=True, help="Rebuild even when an up-to-date engine is cached.")
+def build_engines_cmd(bundle, cache, batches, dynamic, workspace_gb, force):
+    """Build TensorRT engines for this GPU from a bundle's UNet and VAE graphs (cached, keyed by GPU and version)."""
+    from .bundle import read_manifest
+    from .engines import build_engines
+
+    try:
+        sizes = tuple(sorted({int(b) for b in batches.split(",")}))
+    except ValueError:
+        raise InputError(f"--batch {batches!r}: expected comma-separated integers, e.g. 1,2") from None
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"--batch {batches!r}: batch sizes must be >= 1")
+    m = read_manifest(bundle)
+    t0 = time.perf_counter()
+    plans = build_engines(bundle, m, cache, sizes, dynamic, int(workspace_gb * (1 << 30)), force,
+                          progress=lambda s: click.echo(f"[{time.perf_counter() - t0:7.1f}s] {s}", err=True))
+    for comp, plan in plans.items():
+        click.echo(f"{comp}: {plan}")
 
 
 # -- embed ----------------------------------------------------------------------------------------------

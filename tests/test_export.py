@@ -36,6 +36,20 @@ def test_bundle_layout_and_manifest(tiny_bundle, tiny_weights):
         assert not np.allclose(c["prompt_embeds"], c["negative_prompt_embeds"])
 
 
+def test_onnx_target_fuses_attention(tiny_bundle):
+    """Every attention of the UNet (self, text, ip) and of the VAE is one MultiHeadAttention node, and no
+    (B, heads, S, S) score map is left: no Softmax in either graph. Parity above is measured on these graphs."""
+    import onnx
+
+    m = read_manifest(tiny_bundle, verify=False)
+    assert m.extra["fused_attention"] is True
+    unet = [n.op_type for n in onnx.load(str(tiny_bundle / "unet.onnx")).graph.node]
+    vae = [n.op_type for n in onnx.load(str(tiny_bundle / "vae_decoder.onnx")).graph.node]
+    # 12 in the tiny UNet: self, text and ip attention of each of its 4 transformer blocks
+    assert unet.count("MultiHeadAttention") >= 12 and "Softmax" not in unet
+    assert vae.count("MultiHeadAttention") >= 1 and "Softmax" not in vae
+
+
 def test_unconditional_tokens_follow_ip_adapter(tiny_bundle, tiny_weights):
     """Resampler over CLIP hidden_states[-2] of a zeros image, computed here through diffusers' own path."""
     import torch

@@ -141,6 +141,7 @@ def test_tensorrt_int8_is_static_qdq_from_calibration(trt_int8, tiny_bundle):
     ops = {n.op_type for n in g.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert not ops & {"MatMulInteger", "DynamicQuantizeLinear", "ConvInteger"}   # explicit, not dynamic
+    assert "MultiHeadAttention" not in ops and m.extra["fused_attention"] is False   # TensorRT parses standard ops
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     per_channel = symmetric = 0

@@ -13,7 +13,7 @@ import torch
 from ..bundle import CONSTANTS, BundleWriter, Component, Manifest
 from ..errors import NsdedgeError
 from .decoder_export import export_decoder
-from .onnx_export import GraphSpec, export_and_verify
+from .onnx_export import OPSET, GraphSpec, export_and_verify
 from .sources import (DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, Sources, encode_prompt, quiet_libraries,
                       unconditional_tokens)
 from .wrappers import UNetIP, VAEDecoder, install_ip_adapter
@@ -25,15 +25,19 @@ PRECISIONS = ("fp32", "fp16", "int8")
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "ip_tokens", "ip_scale")
 
 
-def unet_spec(multiple: int) -> GraphSpec:
+def unet_spec(multiple: int, fused_attention: bool = False, opset: int = OPSET) -> GraphSpec:
     return GraphSpec(component="unet", inputs=UNET_INPUTS, outputs=("noise_pred",),
                      dynamic={"sample": {0: ("batch", 1), 2: ("height", multiple), 3: ("width", multiple)},
-                              "encoder_hidden_states": {0: ("batch", 1)}, "ip_tokens": {0: ("batch", 1)}})
+                              "encoder_hidden_states": {0: ("batch", 1)}, "ip_tokens": {0: ("batch", 1)}},
+                     fused_attention=fused_attention, opset=opset,
+                     output_dynamic={"noise_pred": {0: "batch", 2: "height", 3: "width"}})
 
 
-def vae_spec() -> GraphSpec:
+def vae_spec(fused_attention: bool = False, opset: int = OPSET) -> GraphSpec:
     return GraphSpec(component="vae_decoder", inputs=("latent",), outputs=("image",),
-                     dynamic={"latent": {0: ("batch", 1), 2: ("height", 1), 3: ("width", 1)}})
+                     dynamic={"latent": {0: ("batch", 1), 2: ("height", 1), 3: ("width", 1)}},
+                     fused_attention=fused_attention, opset=opset,
+                     output_dynamic={"image": {0: "batch", 2: "image_height", 3: "image_width"}})
 
 
 def _unet_samples(batch: int, latent: tuple[int, int], seed: int) -> tuple[torch.Tensor, ...]:
@@ -46,13 +50,16 @@ def _unet_samples(batch: int, latent: tuple[int, int], seed: int) -> tuple[torch
 def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolution: int | None = None,
                   prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
                   force: bool = False, calibration_voxels: Path | None = None, int8_ops: str = "matmul",
-                  target: str = "onnx", calibration: Path | None = None,
+                  target: str = "onnx", calibration: Path | None = None, opset: int = OPSET,
                   progress: Callable[[str], None] = lambda step: None) -> Manifest:
     """Export every component of `src` into a new bundle at `out`; each graph is verified against torch."""
     if precision not in PRECISIONS:
         raise NsdedgeError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     if target not in ("onnx", "tensorrt"):
         raise NsdedgeError(f"unknown target {target!r} (choose from onnx, tensorrt)")
+    if not 14 <= opset <= OPSET:
+        raise NsdedgeError(f"--opset {opset}: choose 14 to {OPSET} (17 for TensorRT 8.6, 16 for TensorRT 8.5 / "
+                           f"JetPack 5: no native LayerNormalization)")
     if precision == "int8" and target == "tensorrt" and calibration_voxels is None and calibration is None:
         raise NsdedgeError("int8 for TensorRT is static: it needs calibration data, --calibration-voxels FILE "
                            "(real trials of a subject) or --calibration FILE.npz (from `nsdedge calibrate`)")
@@ -78,7 +85,9 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
         progress("unet: export to ONNX and parity check (batch 2 and 1)")
         install_ip_adapter(src.unet, src.ip_adapter)
         unet = UNetIP(src.unet).eval()
-        files, entry = export_and_verify(unet, unet_spec(m), _unet_samples(2, latent, 1), w.tmp / "unet.onnx",
+        # onnxruntime gets fused attention; TensorRT's parser needs standard ops (it fuses attention itself)
+        fused = target == "onnx" and opset >= OPSET      # (the opset < 18 exporter cannot fuse)
+        files, entry = export_and_verify(unet, unet_spec(m, fused, opset), _unet_samples(2, latent, 1), w.tmp / "unet.onnx",
                                          checks=[_unet_samples(2, latent, 1), _unet_samples(1, latent, 2)])
         comps["unet"] = Component("unet", files[0], "fp32", entry["inputs"], entry["outputs"],
                                   _join(src.provenance, "unet", "ip_adapter"), files[1:], entry["parity"])
@@ -87,7 +96,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
         progress("vae_decoder: export to ONNX and parity check (batch 1)")
         vae = VAEDecoder(src.vae).eval()
         g = torch.Generator().manual_seed(3)
-        files, entry = export_and_verify(vae, vae_spec(), (torch.randn(2, 4, *latent, generator=g),),
+        files, entry = export_and_verify(vae, vae_spec(fused, opset), (torch.randn(2, 4, *latent, generator=g),),
                                          w.tmp / "vae_decoder.onnx",
                                          checks=[(torch.randn(1, 4, *latent, generator=g),)])
         comps["vae_decoder"] = Component("vae_decoder", files[0], "fp32", entry["inputs"], entry["outputs"],
@@ -106,7 +115,8 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
             vae_scale_factor=f, vae_scaling_factor=float(src.vae.config.scaling_factor),
             scheduler_config=dict(src.scheduler_config), prompt=prompt, negative_prompt=negative_prompt,
             precision=precision, components=comps, source=dict(src.provenance),
-            extra={"unet_multiple": m, "export_seconds": None, "target": target})
+            extra={"unet_multiple": m, "export_seconds": None, "target": target, "fused_attention": fused,
+                   "opset": opset})
         if precision != "fp32":
             from .quantize import INT8_OP_CHOICES, quantize_bundle
             quantize_bundle(w, manifest, precision, calibration_voxels=calibration_voxels,

@@ -36,6 +36,8 @@ class GraphSpec:
     dynamic: dict[str, dict[int, tuple[str, int]]] = field(default_factory=dict)
     rel_l2: float = FP32_REL_L2
     opset: int = OPSET
+    fused_attention: bool = False     # scaled_dot_product_attention -> com.microsoft.MultiHeadAttention
+    output_dynamic: dict[str, dict[int, str]] = field(default_factory=dict)   # for the opset < 18 exporter
 
 
 def io_signature(path: Path) -> tuple[list, list]:
@@ -79,17 +81,49 @@ def export_onnx(module: torch.nn.Module, spec: GraphSpec, samples: tuple[torch.T
         external_data = nbytes > EXTERNAL_DATA_BYTES
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)   # its INFO lines flood any log
     logging.getLogger("onnxscript").setLevel(logging.WARNING)
+    if spec.opset < OPSET:
+        return _export_legacy(module, spec, samples, path)
+    table = None
+    if spec.fused_attention:
+        from .attention import FUSED_ATTENTION as table
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, samples, str(path), dynamo=True, opset_version=spec.opset,
                           input_names=list(spec.inputs), output_names=list(spec.outputs),
-                          dynamic_shapes=_dynamic_shapes(spec), external_data=external_data, verbose=False)
+                          dynamic_shapes=_dynamic_shapes(spec), external_data=external_data, verbose=False,
+                          custom_translation_table=table)
     files = [path.name]
     data = path.with_name(path.name + ".data")
     if data.exists():
         files.append(data.name)
     log.debug("%s: exported to %s", spec.component, ", ".join(files))
+    return files
+
+
+def _export_legacy(module: torch.nn.Module, spec: GraphSpec, samples: tuple[torch.Tensor, ...], path: Path) -> list[str]:
+    """Opset < 18 (TensorRT 8.x on JetPack 5, see README): the dynamo exporter's down-conversion wrote an invalid
+    graph at 17 (Split's attributes) and ignored 16, so these go through the TorchScript exporter, which targets
+    the opset natively (exact at 17, REFERENCE.md; LayerNormalization is decomposed below 17). No fused attention
+    here: TensorRT fuses attention itself."""
+    import onnx
+
+    axes = {name: {axis: dim for axis, (dim, _) in spec.dynamic.get(name, {}).items()} for name in spec.inputs}
+    axes = {**{k: v for k, v in axes.items() if v}, **spec.output_dynamic}
+    scratch = path.with_name(f".{path.stem}.legacy")
+    scratch.mkdir(exist_ok=True)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, samples, str(scratch / "model.onnx"), dynamo=False, opset_version=spec.opset,
+                              input_names=list(spec.inputs), output_names=list(spec.outputs), dynamic_axes=axes,
+                              do_constant_folding=True)
+        model = onnx.load(str(scratch / "model.onnx"))    # above 2 GB the exporter wrote one file per tensor
+        files = save_onnx(model, path)
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
     return files
 
 

@@ -102,6 +102,12 @@ def _without_value_info(src: Path):
 
     model = onnx.load(str(src))
     del model.graph.value_info[:]
+    # ...but onnx's inference has no schema for onnxruntime's contrib ops (MultiHeadAttention): without a type
+    # for their outputs it stops there, and the quantizer skips every Conv downstream. Give them one.
+    for n in model.graph.node:
+        if n.domain == "com.microsoft":
+            for out in n.output:
+                model.graph.value_info.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
     plain = src.with_name(src.stem + ".noshapes.onnx")
     save_onnx(model, plain)
     del model
@@ -136,7 +142,8 @@ def to_int8_dynamic(src: Path, dst: Path, op_types: tuple[str, ...] = INT8_OPS) 
     with _without_value_info(src) as plain, _quiet_root_logger():
         quantize_dynamic(str(plain), str(dst), op_types_to_quantize=list(op_types), weight_type=QuantType.QInt8,
                          per_channel=False, nodes_to_exclude=int8_exclusions(src), use_external_data_format=_is_big(src),
-                         extra_options={"MatMulConstBOnly": True})
+                         # shape inference cannot type the outputs of contrib ops (MultiHeadAttention)
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1})   # 1: FLOAT
     return _written(dst)
 
 

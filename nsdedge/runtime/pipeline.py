@@ -18,7 +18,7 @@ from ..bundle import CONSTANTS, Manifest, read_manifest
 from ..errors import BundleError, InputError, NsdedgeError
 from ..voxels import validate_voxels
 from .schedulers import make_scheduler
-from .session import Session, resolve
+from .session import ENGINE, Session, available, cuda_options, resolve, tensorrt_options
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,11 @@ class Reconstructor:
     """A bundle, ready to run. `provider`: auto | cpu | cuda | tensorrt. `low_memory`: one graph loaded at a time."""
 
     def __init__(self, bundle: str | Path, provider: str = "auto", *, verify: bool = True,
-                 low_memory: bool = False, threads: int | None = None, observer: Observer | None = None):
+                 low_memory: bool = False, threads: int | None = None, observer: Observer | None = None,
+                 engine_cache: str | Path | None = None, engine_batches: tuple[int, ...] = (1, 2)):
         self.path = Path(bundle)
+        self.engine_cache = Path(engine_cache) if engine_cache else self.path / "engines"
+        self.engine_batches = tuple(engine_batches)
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
         self.provider = resolve(provider)
         self.low_memory = low_memory
@@ -56,8 +59,23 @@ class Reconstructor:
             if self.low_memory:
                 self._sessions.clear()
             c = self.manifest.components[component]
-            self._sessions[component] = Session(self.path / c.file, self.provider, self.threads)
+            self._sessions[component] = self._open(component, self.path / c.file)
         return self._sessions[component]
+
+    def _open(self, component: str, path: Path):
+        if self.provider == ENGINE:
+            from ..engines import ENGINE_COMPONENTS, EngineSession, engine_key, this_device
+
+            if component.removesuffix("_fp32") in ENGINE_COMPONENTS:
+                key = engine_key(self.manifest, component, this_device(), self.engine_batches)
+                return EngineSession(self.engine_cache, key)
+            return Session(path, "cuda" if "cuda" in available() else "cpu", self.threads)  # decoders: one GEMM
+        options = None
+        if self.provider == "tensorrt":
+            options = tensorrt_options(self.manifest, component, self.engine_cache / "onnxruntime-trt")
+        elif self.provider == "cuda":
+            options = cuda_options(self.low_memory)
+        return Session(path, self.provider, self.threads, options)
 
     def _release(self, component: str) -> None:
         if self.low_memory:
@@ -141,24 +159,24 @@ class Reconstructor:
             ip = np.concatenate([self.uncond_tokens, tokens])
         else:
             text, ip = self.prompt_embeds, tokens
-        feeds = {"encoder_hidden_states": text.astype(dtype), "ip_tokens": ip.astype(dtype),
-                 "ip_scale": np.array([ip_scale], dtype)}
+        constants = {"encoder_hidden_states": text.astype(dtype), "ip_tokens": ip.astype(dtype),
+                     "ip_scale": np.array([ip_scale], dtype)}
         x = latent * np.float32(sched.init_noise_sigma)                            # (1, 4, h, w)
-        for i, t in enumerate(sched.timesteps):
-            xin = sched.scale_model_input(x, i)
-            if cfg:
-                xin = np.concatenate([xin, xin])
-            feeds["sample"] = xin.astype(dtype)
-            feeds["timestep"] = np.array([t], dtype)
-            out = unet.run(feeds)
-            if self.observer:
-                self.observer("unet", dict(feeds), out)
-            eps = out["noise_pred"].astype(np.float32)
-            if cfg:
-                eps = eps[:1] + np.float32(guidance) * (eps[1:] - eps[:1])
-            x = sched.step(eps, i, x)
-            if callback:
-                callback(i + 1, len(sched.timesteps))
+        with unet.bound(constants):                    # uploaded once; per step only the latent travels
+            for i, t in enumerate(sched.timesteps):
+                xin = sched.scale_model_input(x, i)
+                if cfg:
+                    xin = np.concatenate([xin, xin])
+                feeds = {"sample": xin.astype(dtype), "timestep": np.array([t], dtype)}
+                out = unet.run(feeds)
+                if self.observer:
+                    self.observer("unet", {**constants, **feeds}, out)
+                eps = out["noise_pred"].astype(np.float32)
+                if cfg:
+                    eps = eps[:1] + np.float32(guidance) * (eps[1:] - eps[:1])
+                x = sched.step(eps, i, x)
+                if callback:
+                    callback(i + 1, len(sched.timesteps))
         return x[0]
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ The pipeline sees `Session(path, provider).run(feeds) -> {name: array}` and noth
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 AUTO_ORDER = ("cuda", "cpu")   # tensorrt only when asked: it builds engines on first use (minutes)
+ENGINE = "engine"              # native TensorRT engines from `nsdedge build-engines` (nsdedge.engines)
 
 
 def _ort():
@@ -36,17 +38,59 @@ def available() -> list[str]:
 
 def resolve(provider: str) -> str:
     """'auto' -> the best available; a named provider that is missing is an error, never a silent fallback."""
+    if provider == ENGINE:
+        from ..engines import _cudart, _tensorrt
+
+        _tensorrt(), _cudart()                  # ProviderError with the install line when either is missing
+        return ENGINE
     if provider == "auto":
         have = available()
         return next(p for p in AUTO_ORDER if p in have or p == "cpu")
     if provider not in PROVIDERS:
-        raise ProviderError(f"unknown provider {provider!r} (choose from auto, {', '.join(PROVIDERS)})")
+        raise ProviderError(f"unknown provider {provider!r} (choose from auto, {', '.join(PROVIDERS)}, {ENGINE})")
     if provider not in available():
         ort = _ort()
         raise ProviderError(f"provider {provider!r} is not available in this onnxruntime {ort.__version__} "
                             f"(it offers {', '.join(ort.get_available_providers())}); install nsdedge[gpu] for "
                             f"cuda and tensorrt, or use --provider cpu")
     return provider
+
+
+def _shape_list(profile_entries, which: int) -> str:
+    return ",".join(f"{name}:{'x'.join(map(str, shapes[which]))}" for name, *shapes in profile_entries)
+
+
+def tensorrt_options(manifest, component: str, cache: Path, batches=(1, 2),
+                     workspace: int | None = None) -> dict:
+    """onnxruntime TensorRT provider options for one bundle graph: engine and timing caches under `cache` (the
+    provider keys its engines by graph, GPU and TensorRT version itself), fp16 / int8 (explicit Q/DQ) as the
+    bundle's precision says, and explicit static profiles at the bundle's resolution for batch 1 and 2, so the
+    provider builds once instead of on every new shape."""
+    from ..engines import WORKSPACE_BYTES, builder_flags, profile_shapes
+
+    precision = manifest.components[component].precision
+    flags = builder_flags(precision)
+    prof = profile_shapes(manifest, component, batches, dynamic=False)
+    entries = [e for p in prof for e in p]            # one entry per input per profile, in profile order
+    return {
+        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+        "trt_fp16_enable": "fp16" in flags, "trt_int8_enable": "int8" in flags,
+        "trt_int8_use_native_calibration_table": False,      # scales come from the graph's Q/DQ nodes
+        "trt_max_workspace_size": int(workspace or WORKSPACE_BYTES),
+        "trt_profile_min_shapes": _shape_list(entries, 0), "trt_profile_opt_shapes": _shape_list(entries, 1),
+        "trt_profile_max_shapes": _shape_list(entries, 2),
+    }
+
+
+def cuda_options(low_memory: bool = False, gpu_mem_limit: int | None = None) -> dict:
+    """onnxruntime CUDA provider options; low memory (edge boards) grows the arena only as asked and caps it."""
+    opts: dict = {"cudnn_conv_algo_search": "HEURISTIC" if low_memory else "EXHAUSTIVE"}
+    if low_memory:
+        opts["arena_extend_strategy"] = "kSameAsRequested"
+    if gpu_mem_limit:
+        opts["gpu_mem_limit"] = int(gpu_mem_limit)
+    return opts
 
 
 class Session:
@@ -81,8 +125,34 @@ class Session:
         self.outputs = [o.name for o in self.sess.get_outputs()]
         log.debug("%s on %s", Path(path).name, used[0])
 
+        self._bound: dict = {}
+
+    @contextlib.contextmanager
+    def bound(self, constants: dict[str, np.ndarray]):
+        """Within the block, `constants` live on the provider's device (uploaded once, through onnxruntime's I/O
+        binding) and run() takes only the other inputs: across denoising steps the text embeddings and ip
+        tokens stay on the GPU and only the latent travels."""
+        ort = _ort()
+        device = "cpu" if self.provider == "cpu" else "cuda"
+        self._bound = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), device, 0)
+                       for k, v in constants.items()}
+        try:
+            yield self
+        finally:
+            self._bound = {}
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
+        if not self._bound:
+            return dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
+        binding = self.sess.io_binding()
+        for k, v in feeds.items():
+            binding.bind_cpu_input(k, np.ascontiguousarray(v))
+        for k, v in self._bound.items():
+            binding.bind_ortvalue_input(k, v)
+        for k in self.outputs:
+            binding.bind_output(k, "cpu")
+        self.sess.run_with_iobinding(binding)
+        return dict(zip(self.outputs, binding.copy_outputs_to_cpu()))
 
     def input_dtype(self, name: str) -> np.dtype:
         t = self.inputs[name].type
