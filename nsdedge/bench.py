@@ -61,10 +61,68 @@ def timed(fn: Callable[[], object], runs: int, warmup: int) -> dict[str, float]:
     return stats(out)
 
 
-def bench_bundle(bundle: str | Path, *, steps: int = 20, guidance: float = 7.5, runs: int = 5, warmup: int = 1,
-                 e2e_runs: int = 1, provider: str = "auto", low_memory: bool = False,
-                 progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Time every stage of `bundle` and one or more end-to-end reconstructions."""
+class GpuMemoryPeak:
+    """Peak device memory in use on GPU 0 while the block runs, sampled every 20 ms through NVML (nvidia-ml-py);
+    None where there is no NVML (no GPU, or the package is missing). Device-wide, so run nothing else on it."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak_mb, self.gpu = interval, None, None
+
+    def __enter__(self):
+        import threading
+
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception:  # noqa: BLE001  ImportError, or NVMLError without a driver: no GPU to watch
+            self._nvml = None
+            return self
+        self._nvml = pynvml
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(handle)
+        self.gpu = name.decode() if isinstance(name, bytes) else name
+        self._stop = threading.Event()
+        self._peak = 0
+
+        def watch():
+            while not self._stop.is_set():
+                self._peak = max(self._peak, pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._nvml is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = self._peak / 2 ** 20
+            self._nvml.nvmlShutdown()
+        return False
+
+
+def bench_bundle(bundle: str | Path, *, provider: str = "auto", **kw) -> dict:
+    """Time every stage of `bundle` and one or more end-to-end reconstructions; on a GPU, its peak memory too."""
+    import contextlib
+
+    with (GpuMemoryPeak() if provider != "cpu" else contextlib.nullcontext()) as gpu:
+        result = _bench(bundle, provider=provider, **kw)
+    result["peak_gpu_mb"] = gpu.peak_mb if gpu else None
+    result["machine"]["gpu"] = gpu.gpu if gpu else None
+    try:
+        import tensorrt
+
+        result["versions"]["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        result["versions"]["tensorrt"] = None
+    return result
+
+
+def _bench(bundle: str | Path, *, steps: int = 20, guidance: float = 7.5, runs: int = 5, warmup: int = 1,
+           e2e_runs: int = 1, provider: str = "auto", low_memory: bool = False,
+           progress: Callable[[str], None] = lambda s: None) -> dict:
     import onnxruntime as ort
 
     t0 = time.perf_counter()
@@ -119,5 +177,7 @@ def format_table(r: dict) -> str:
         lines.append(f"  {name:<16}{s['median_s']:>10.3f}{s['p90_s']:>10.3f}{s['min_s']:>10.3f}{s['runs']:>6}")
     lines.append(f"  load {r['load_s']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB; bundle {r['sizes_mb']['total']:.1f} MB "
                  f"(" + ", ".join(f"{k} {v:.1f}" for k, v in r["sizes_mb"].items() if k != "total") + ")")
+    if r.get("peak_gpu_mb") is not None:
+        lines.append(f"  peak GPU memory {r['peak_gpu_mb']:.0f} MB on {r['machine']['gpu']} (device-wide, NVML)")
     lines.append(f"  end to end = {r['steps']} steps at guidance {r['guidance']} + decoder + VAE, one image")
     return "\n".join(lines)
