@@ -196,3 +196,18 @@ def test_cli_eval_bad_input(tmp_path, case, weights_dir):
     assert len(lines) == 1 or (case == "wrong-weights" and lines[0].startswith("note: "))
     if case == "wrong-weights":
         assert "inception_v3_google-0cc3c7bd.pth: not inception weights" in lines[-1]
+
+
+def test_feature_two_way_against_shuffled_copy_is_about_chance(tmp_path, weights_dir):
+    """Each reconstruction is another stimulus (a derangement): identification falls to about 50 %."""
+    from nsdedge.evaluate import METRICS
+
+    imgs = smooth_images(24, seed=5)
+    np.save(tmp_path / "a.npy", imgs)
+    np.save(tmp_path / "shuffled.npy", imgs[np.roll(np.arange(24), 7)])
+    alex = tuple(m for m in METRICS if m.network == "alexnet")
+    r = evaluate(ImageSet(tmp_path / "shuffled.npy"), ImageSet(tmp_path / "a.npy"), weights_dir=weights_dir,
+                 metrics=alex)
+    assert 0.25 < r["metrics"]["AlexNet(2)"] < 0.75 and 0.25 < r["metrics"]["AlexNet(5)"] < 0.75
+    same = evaluate(ImageSet(tmp_path / "a.npy"), ImageSet(tmp_path / "a.npy"), weights_dir=weights_dir, metrics=alex)
+    assert same["metrics"]["AlexNet(2)"] == 1.0

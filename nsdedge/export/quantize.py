@@ -181,7 +181,7 @@ def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], op_types: tuple[str, ..
                             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
                                            "MatMulConstBOnly": True,     # weights; attention BMMs stay float
-                                           "CalibMaxIntermediateOutputs": 4,
+                                           "CalibMaxIntermediateOutputs": 1,   # full UNet: GBs per call
                                            "CalibPercentile": 99.999})
         finally:
             tempfile.tempdir = old
