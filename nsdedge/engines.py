@@ -270,6 +270,9 @@ def build_engines(bundle: Path, manifest: Manifest, cache: Path | None = None, b
     """Build (or reuse) an engine per ENGINE_COMPONENTS component for this GPU; returns the plan paths."""
     import time
 
+    if manifest.extra.get("fused_attention"):
+        raise NsdedgeError(f"{bundle} was exported for onnxruntime (its attention is com.microsoft.MultiHeadAttention, "
+                           f"which TensorRT's parser does not know): export it with --target tensorrt for engines")
     device = this_device()
     cache = Path(cache or Path(bundle) / "engines")
     out = {}

@@ -111,6 +111,16 @@ def test_missing_gpu_backends_are_clear_errors(tiny_bundle, trial, tmp_path):
     assert not (tiny_bundle / "engines").exists()
 
 
+def test_engines_need_a_tensorrt_target_bundle(tiny_bundle):
+    """A --target onnx bundle has contrib-op attention that TensorRT cannot parse: refused before any GPU work."""
+    from nsdedge.engines import build_engines
+    from nsdedge.errors import NsdedgeError
+
+    with pytest.raises(NsdedgeError, match="--target tensorrt"):
+        build_engines(tiny_bundle, read_manifest(tiny_bundle, verify=False), tiny_bundle / "never")
+    assert not (tiny_bundle / "never").exists()
+
+
 def test_bound_constants_give_the_same_outputs(tiny_bundle):
     """I/O binding (constants uploaded once, as the GPU path keeps them on the device) changes nothing."""
     s = Session(tiny_bundle / "unet.onnx", "cpu")
@@ -126,11 +136,15 @@ def test_bound_constants_give_the_same_outputs(tiny_bundle):
 
 # -- on a GPU -----------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-def test_native_engines_build_cache_and_match_cpu(tiny_bundle, tmp_path):
+def test_native_engines_build_cache_and_match_cpu(tmp_path):
     pytest.importorskip("tensorrt")
     from nsdedge.engines import build_engines
+    from nsdedge.export.build import export_bundle
+    from nsdedge.export.presets import build_preset
     from nsdedge.runtime import Reconstructor
 
+    tiny_bundle = tmp_path / "trt"
+    export_bundle(build_preset("tiny"), tiny_bundle, target="tensorrt")
     m = read_manifest(tiny_bundle)
     plans = build_engines(tiny_bundle, m, tmp_path)
     assert set(plans) == {"unet", "vae_decoder"} and all(p.exists() for p in plans.values())

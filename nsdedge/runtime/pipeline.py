@@ -71,6 +71,10 @@ class Reconstructor:
                 return EngineSession(self.engine_cache, key)
             return Session(path, "cuda" if "cuda" in available() else "cpu", self.threads)  # decoders: one GEMM
         options = None
+        if self.provider == "tensorrt" and self.manifest.extra.get("fused_attention") and component == "unet":
+            log.warning("%s was exported for onnxruntime (fused attention): TensorRT takes the graph in pieces "
+                        "around the MultiHeadAttention nodes; export with --target tensorrt for whole engines",
+                        self.path)
         if self.provider == "tensorrt":
             options = tensorrt_options(self.manifest, component, self.engine_cache / "onnxruntime-trt")
         elif self.provider == "cuda":

@@ -1,0 +1,65 @@
+"""Where a UNet step goes: onnxruntime's profiler over one call of a bundle's UNet, summed per op type.
+
+    python benchmarks/profile_unet.py BUNDLE [--batch 2] [--runs 2]
+
+Runs with nsdedge's CPU session settings (runtime/session.py) plus profiling, discards the first (warm-up)
+call, and prints the share of node time per op type for the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    import onnxruntime as ort
+
+    from nsdedge.bundle import read_manifest
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=2)
+    a = ap.parse_args()
+    m = read_manifest(a.bundle, verify=False)
+    opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = False
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.intra_op_num_threads = len(os.sched_getaffinity(0))
+    opts.enable_profiling = True
+    opts.profile_file_prefix = "/tmp/nsdedge-unet-profile"
+    sess = ort.InferenceSession(str(a.bundle / m.components["unet"].file), opts, providers=["CPUExecutionProvider"])
+    h, w = m.latent_size
+    rng = np.random.default_rng(0)
+    b = a.batch
+    feeds = {"sample": rng.standard_normal((b, m.latent_channels, h, w), dtype=np.float32),
+             "timestep": np.array([500.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((b, 77, 768), dtype=np.float32),
+             "ip_tokens": rng.standard_normal((b, 16, 768), dtype=np.float32), "ip_scale": np.array([1.0], np.float32)}
+    for _ in range(a.runs):
+        sess.run(None, feeds)
+    trace = json.loads(Path(sess.end_profiling()).read_text())
+    runs = [e for e in trace if e.get("name") == "model_run"]
+    last = runs[-1]
+    start, end = last["ts"], last["ts"] + last["dur"]
+    per_op: dict[str, float] = defaultdict(float)
+    for e in trace:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and start <= e["ts"] <= end:
+            per_op[e["args"]["op_name"]] += e["dur"] / 1e6
+    total = sum(per_op.values())
+    print(f"{a.bundle} ({m.precision}), batch {b}: model_run {last['dur'] / 1e6:.2f} s, node time {total:.2f} s")
+    for op, s in sorted(per_op.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {op:<28}{s:8.2f} s {100 * s / total:5.1f} %")
+
+
+if __name__ == "__main__":
+    main()
