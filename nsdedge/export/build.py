@@ -52,7 +52,8 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
                   force: bool = False, calibration_voxels: Path | None = None, int8_ops: str = "matmul",
                   target: str = "onnx", calibration: Path | None = None, opset: int = OPSET,
                   progress: Callable[[str], None] = lambda step: None) -> Manifest:
-    """Export every component of `src` into a new bundle at `out`; each graph is verified against torch."""
+    """Export every component of `src` into a new bundle at `out`; each graph is verified against torch.
+    For fp16 / int8, `src`'s torch modules are released once the graphs are written (peak memory)."""
     if precision not in PRECISIONS:
         raise NsdedgeError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     if target not in ("onnx", "tensorrt"):
@@ -118,7 +119,15 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
             extra={"unet_multiple": m, "export_seconds": None, "target": target, "fused_attention": fused,
                    "opset": opset})
         if precision != "fp32":
+            import gc
+
             from .quantize import INT8_OP_CHOICES, quantize_bundle
+
+            # the torch modules are done with and hold GBs (SD 1.5: about 4.5): free them before the quantizer
+            # and the fidelity runs load graphs of their own
+            src.unet = src.vae = src.text_encoder = src.image_encoder = None
+            del vae
+            gc.collect()
             quantize_bundle(w, manifest, precision, calibration_voxels=calibration_voxels,
                             int8_ops=INT8_OP_CHOICES[int8_ops], target=target, calibration=calibration,
                             progress=progress)

@@ -168,8 +168,8 @@ def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], op_types: tuple[str, ..
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[method]
     with tempfile.TemporaryDirectory(dir=src.parent, prefix=".calib-") as scratch, \
             _without_value_info(src) as plain, _quiet_root_logger():
-        # the calibrator writes an augmented copy of the model (every tensor an output) to a temp dir:
-        # keep it on the bundle's disk, not /tmp, and compute ranges a few calls at a time to bound memory
+        # the calibrator writes an augmented copy of the model (ReduceMin / ReduceMax on every tensor it
+        # calibrates, so a call returns scalars) to a temp dir: keep it on the bundle's disk, not /tmp
         old = tempfile.tempdir
         tempfile.tempdir = scratch
         try:
@@ -181,7 +181,8 @@ def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], op_types: tuple[str, ..
                             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
                                            "MatMulConstBOnly": True,     # weights; attention BMMs stay float
-                                           "CalibMaxIntermediateOutputs": 1,   # full UNet: GBs per call
+                                           # not CalibMaxIntermediateOutputs: onnxruntime 1.31's MinMax
+                                           # calibrator drops each chunk's ranges (only the last chunk counted)
                                            "CalibPercentile": 99.999})
         finally:
             tempfile.tempdir = old
