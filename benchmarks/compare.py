@@ -103,9 +103,9 @@ def prepare(a, precisions: list[str]) -> None:
             dec = read_decoder(w / "decoder-synth01.safetensors")
             src = load_sources(w / "sd15", w / "ip-adapter-plus_sd15.bin", w / "image_encoder", [dec],
                                {"synth01": w / "decoder-synth01.safetensors"})
-            precision, _, ops = p.partition("+")          # "int8+conv": int8 with the UNet's convs too
+            precision, _, ops = p.partition("+")   # "int8+conv": dynamic int8 convs; "int8+matmul": fp32 conv weights
             export_bundle(src, work / f"bundle-{p}", precision=precision, resolution=a.resolution, force=True,
-                          int8_ops="matmul+conv" if ops == "conv" else "matmul",
+                          int8_ops={"conv": "matmul+conv", "matmul": "matmul"}.get(ops, "matmul+conv-weights"),
                           progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
             print(f"  {p} export {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     if not (work / "inputs.npz").exists():

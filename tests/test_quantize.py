@@ -49,8 +49,9 @@ def test_fp16_bundle(bundles, tiny_bundle):
 def test_int8_bundle(bundles, tiny_bundle):
     m = read_manifest(bundles["int8"])
     assert m.components["unet"].precision == "int8" and m.components["vae_decoder"].precision == "fp32"
-    assert _size(bundles["int8"], "unet") < 0.9 * _size(tiny_bundle, "unet")
-    assert _size(bundles["int8conv"], "unet") < min(0.75 * _size(tiny_bundle, "unet"), _size(bundles["int8"], "unet"))
+    # tiny: the float K/V projections of the 768-wide tokens weigh a lot here (full size: 0.28x, README)
+    assert _size(bundles["int8"], "unet") < 0.75 * _size(tiny_bundle, "unet")       # MatMuls and conv weights
+    assert _size(bundles["int8conv"], "unet") < 0.75 * _size(tiny_bundle, "unet")
     assert _size(bundles["int8"], "decoder-synth01") < 0.35 * _size(tiny_bundle, "decoder-subj01")
     f = m.extra["fidelity"]
     assert 1e-4 < f["component_rel_l2"]["unet"] < 0.1         # quantized, and not broken
@@ -58,8 +59,20 @@ def test_int8_bundle(bundles, tiny_bundle):
     assert f["cfg_spread_ratio"] >= 0.9
     import onnx
     ops = {n.op_type for n in onnx.load(str(bundles["int8"] / m.components["unet"].file)).graph.node}
-    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops and "ConvInteger" not in ops
-    assert m.extra["fidelity"]["int8_ops"] == ["MatMul"]
+    assert {"MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear"} <= ops and "ConvInteger" not in ops
+    assert m.extra["fidelity"]["int8_ops"] == ["MatMul", "ConvWeights"]
+    # conv weights are int8 initializers dequantized per output channel; conv_in / conv_out keep float weights
+    g = onnx.load(str(bundles["int8"] / m.components["unet"].file)).graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    for n in (n for n in g.node if n.op_type == "Conv"):
+        w = n.input[1]
+        if "conv_in." in w or "conv_out." in w:
+            assert inits[w].data_type == onnx.TensorProto.FLOAT, n.name
+        else:
+            dq = producer[w]
+            assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == onnx.TensorProto.INT8
+            assert inits[dq.input[1]].dims[0] > 1                                     # per output channel
     mc = read_manifest(bundles["int8conv"])
     ops = {n.op_type for n in onnx.load(str(bundles["int8conv"] / mc.components["unet"].file)).graph.node}
     assert "ConvInteger" in ops

@@ -49,7 +49,8 @@ def _unet_samples(batch: int, latent: tuple[int, int], seed: int) -> tuple[torch
 
 def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolution: int | None = None,
                   prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-                  force: bool = False, calibration_voxels: Path | None = None, int8_ops: str = "matmul",
+                  force: bool = False, calibration_voxels: Path | None = None,
+                  int8_ops: str = "matmul+conv-weights",
                   target: str = "onnx", calibration: Path | None = None, opset: int = OPSET,
                   progress: Callable[[str], None] = lambda step: None) -> Manifest:
     """Export every component of `src` into a new bundle at `out`; each graph is verified against torch.
