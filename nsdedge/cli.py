@@ -87,10 +87,15 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
     if out.exists() and not force:
         raise InputError(f"{out} exists; pass --force to replace it")
     if precision == "int8" and target == "tensorrt" and not (calibration_voxels or calibration):
-        raise InputError("--target tensorrt --precision int8 is static (explicit Q/DQ) and needs calibration data: "
-                         "--calibration-voxels FILE (real trials) or --calibration FILE.npz (`nsdedge calibrate`)")
-    if calibration is not None and not calibration.is_file():
-        raise InputError(f"{calibration}: no such calibration file")
+        from .calibration.record import CALIBRATION_NEEDED
+
+        raise InputError(CALIBRATION_NEEDED)
+    if calibration is not None:
+        if not calibration.is_file():
+            raise InputError(f"{calibration}: no such calibration file")
+        from .calibration.record import check_calibration
+
+        check_calibration(calibration)
     if bool(preset) == bool(sd):
         raise InputError("give either --preset or --sd (with --ip-adapter and --image-encoder)")
     if sd and not (ip_adapter and image_encoder):
@@ -430,6 +435,16 @@ def build_engines_cmd(bundle, cache, batches, dynamic, workspace_gb, force):
         click.echo(f"{comp}: {plan}")
 
 
+def _done_counter(bar):
+    """progress(done, total) callbacks of the library, which report totals so far, driving a click bar."""
+    last = [0]
+
+    def progress(done, total):
+        bar.update(done - last[0])
+        last[0] = done
+    return progress
+
+
 # -- embed ----------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--stimuli", type=click.Path(path_type=Path), required=True,
@@ -458,12 +473,7 @@ def embed(stimuli, ip_adapter, image_encoder, batch, out):
                          f"Resampler's input ({ip.resampler.embedding_dim}) in {ip_adapter}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with click.progressbar(length=len(images), label=f"{len(images)} images", file=sys.stderr) as bar:
-        last = [0]
-
-        def progress(done, total):
-            bar.update(done - last[0])
-            last[0] = done
-
+        progress = _done_counter(bar)
         embed_images(images, ip, enc, out, batch=batch, progress=progress)
     click.echo(f"wrote {out}: ({len(images)}, {ip.num_tokens}, {ip.resampler.output_dim}) tokens from {stimuli}")
 
@@ -516,12 +526,7 @@ def eval_(recons, stimuli, reference, preset, weights_dir, pixel_only, json_out,
             raise NsdedgeError(f"feature metrics need torch and torchvision ({e.name} is missing): "
                                f"pip install 'nsdedge[eval]', or pass --pixel-only") from None
     with click.progressbar(length=len(keys), label=f"{len(keys)} images", file=sys.stderr) as bar:
-        last = [0]
-
-        def progress(done, total):
-            bar.update(done - last[0])
-            last[0] = done
-
+        progress = _done_counter(bar)
         result = evaluate(rset, ref, preset=preset, weights_dir=weights_dir, fidelity=reference is not None,
                           metrics=metrics, progress=progress)
     result["command"] = " ".join(sys.argv)

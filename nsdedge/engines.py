@@ -316,6 +316,7 @@ class EngineSession:
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self.buffers: dict[str, tuple[int, int]] = {}      # name -> (device pointer, bytes)
         self.constants: set[str] = set()
+        self._constant_shapes: dict[str, tuple[int, ...]] = {}
         self.profile = -1
         self.provider = "tensorrt-engine"
 
@@ -339,7 +340,7 @@ class EngineSession:
         """Upload an input that does not change between calls (text embeddings, ip tokens) once."""
         self._upload(name, array)
         self.constants.add(name)
-        self._constant_shapes = {**getattr(self, "_constant_shapes", {}), name: tuple(np.shape(array))}
+        self._constant_shapes[name] = tuple(np.shape(array))
 
     @contextlib.contextmanager
     def bound(self, constants: dict[str, np.ndarray]):
@@ -354,7 +355,7 @@ class EngineSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shapes = {n: tuple(np.shape(feeds[n])) for n in feeds}
-        shapes.update({n: s for n, s in getattr(self, "_constant_shapes", {}).items() if n not in shapes})
+        shapes.update({n: s for n, s in self._constant_shapes.items() if n not in shapes})
         idx = pick_profile(self.key, shapes)
         if idx != self.profile:
             self.context.set_optimization_profile_async(idx, self.stream)

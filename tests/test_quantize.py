@@ -182,6 +182,13 @@ def test_tensorrt_int8_needs_calibration(tmp_path):
     r = run_cli("export", "--preset", "tiny", "--precision", "int8", "--target", "tensorrt", "--out",
                 str(tmp_path / "b"))
     assert r.returncode == 2 and "calibration" in r.stderr and not (tmp_path / "b").exists()
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    for f, message in (("junk.npz", "not a readable calibration"), ("other.npz", "holds no UNet inputs")):
+        r = run_cli("export", "--preset", "tiny", "--precision", "int8", "--target", "tensorrt", "--calibration",
+                    str(tmp_path / f), "--out", str(tmp_path / "b"))
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "b").exists()
 
 
 def test_tensorrt_int8_from_recorded_calibration_file(tiny_bundle, tmp_path):

@@ -15,6 +15,10 @@ import numpy as np
 from ..bundle import atomic_write_bytes
 
 
+CALIBRATION_NEEDED = ("int8 for TensorRT is static (explicit Q/DQ) and needs calibration data: --calibration-voxels "
+                      "FILE (real trials of a subject) or --calibration FILE.npz (from `nsdedge calibrate`)")
+
+
 class Recorder:
     """A Reconstructor observer that keeps every graph's inputs (and the UNet's outputs)."""
 
@@ -51,11 +55,39 @@ def record_calibration(rec, voxels: np.ndarray, subject: str | None = None, *, s
     return recorder
 
 
+def _open(path: str | Path):
+    import zipfile
+
+    from ..errors import InputError
+
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: not a readable calibration .npz ({str(e).splitlines()[0][:120]}); nsdedge never "
+                         f"unpickles") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise InputError(f"{path}: not a calibration file (an .npz written by `nsdedge calibrate`)")
+    if not {"unet/sample", "unet/timestep", "unet/encoder_hidden_states"} <= set(f.files):
+        f.close()
+        raise InputError(f"{path}: holds no UNet inputs; record one with `nsdedge calibrate`")
+    return f
+
+
+def check_calibration(path: str | Path) -> None:
+    """Raise InputError unless `path` is a calibration file; reads the names only, not the arrays."""
+    _open(path).close()
+
+
 def load_calibration(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """{component: {input name: (calls, ...) array}} from a file written by Recorder.save."""
+    from ..errors import InputError
+
     out: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
-    with np.load(path, allow_pickle=False) as f:
+    with _open(path) as f:
         for k in f.files:
             comp, _, name = k.rpartition("/")
-            out[comp][name] = f[k]
+            try:
+                out[comp][name] = f[k]
+            except ValueError:
+                raise InputError(f"{path}: array {k!r} is pickled or unreadable; nsdedge never unpickles") from None
     return dict(out)

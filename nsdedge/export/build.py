@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..bundle import CONSTANTS, BundleWriter, Component, Manifest
+from ..calibration.record import CALIBRATION_NEEDED
 from ..errors import NsdedgeError
 from .decoder_export import export_decoder
 from .onnx_export import OPSET, GraphSpec, export_and_verify
@@ -63,8 +64,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
         raise NsdedgeError(f"--opset {opset}: choose 14 to {OPSET} (17 for TensorRT 8.6, 16 for TensorRT 8.5 / "
                            f"JetPack 5: no native LayerNormalization)")
     if precision == "int8" and target == "tensorrt" and calibration_voxels is None and calibration is None:
-        raise NsdedgeError("int8 for TensorRT is static: it needs calibration data, --calibration-voxels FILE "
-                           "(real trials of a subject) or --calibration FILE.npz (from `nsdedge calibrate`)")
+        raise NsdedgeError(CALIBRATION_NEEDED)
     resolution = resolution or src.resolution or src.unet.config.sample_size * src.vae_scale_factor
     f, m = src.vae_scale_factor, src.unet_multiple
     if resolution % (f * m):

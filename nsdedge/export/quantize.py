@@ -316,8 +316,9 @@ def calibration_records(folder: Path, calibration_voxels: Path | None, calibrati
             for c, arrays in recorded.items():
                 data.setdefault(c, arrays)                    # one subject's UNet and VAE calls are plenty
     else:
-        raise NsdedgeError("int8 for TensorRT is static: it needs calibration data, --calibration-voxels FILE "
-                           "(real trials of a subject) or --calibration FILE.npz (from `nsdedge calibrate`)")
+        from ..calibration.record import CALIBRATION_NEEDED
+
+        raise NsdedgeError(CALIBRATION_NEEDED)
     out = {}
     for comp, arrays in data.items():
         names = [n for n in arrays if n != "noise_pred"]
