@@ -7,22 +7,24 @@ com.microsoft.MultiHeadAttention contrib op, on the CPU provider with nsdedge's 
 Seen on the 2-core benchmark machine (onnxruntime 1.31.1): unfused 0.516 s, fused 0.147 s, max |diff| 1.4e-7.
 SD 1.5 runs five such attentions per UNet call, so at batch 2 about 2.6 s of a 5.2 s step is this pattern.
 """
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nsdedge.runtime.session import open_graph  # noqa: E402
 
 B, S, H, D = 2, 4096, 8, 40      # batch 2 (guidance), 64 x 64 tokens, SD 1.5's 8 heads of 40 at 320 channels
 E = H * D
 
 
-def session(model) -> ort.InferenceSession:
+def session(model):
+    """The graph on the CPU through nsdedge's one seam (the runtime's session settings)."""
     model.ir_version = 10
-    opts = ort.SessionOptions()
-    opts.enable_cpu_mem_arena = False           # as nsdedge.runtime.session does on the CPU
-    opts.intra_op_num_threads = 2
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return open_graph(model.SerializeToString(), "cpu")
 
 
 def io():
@@ -62,11 +64,11 @@ def main() -> None:
     out = {}
     for name, model in (("unfused", unfused()), ("fused", fused())):
         s = session(model)
-        s.run(None, feeds)                                  # warm-up
+        s.run(feeds)                                        # warm-up
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            out[name] = s.run(None, feeds)[0]
+            out[name] = s.run(feeds)["o"]
             times.append(time.perf_counter() - t)
         print(f"{name:8s} median {np.median(times):.3f} s")
     print(f"max |diff| {np.abs(out['unfused'] - out['fused']).max():.2e}")

@@ -20,7 +20,7 @@ import numpy as np
 from nsdedge.decoders.linear import LinearDecoder
 from nsdedge.export.decoder_export import export_linear_decoder
 from nsdedge.export.quantize import to_fp16, to_int8_dynamic
-from nsdedge.runtime.session import Session
+from nsdedge.runtime.session import open_graph
 
 VOXELS = 15724
 WIDTH = 768
@@ -40,7 +40,7 @@ def decoder(tokens: int, rank: int | None, seed: int = 0) -> LinearDecoder:
 
 
 def latency(path: Path) -> float:
-    s = Session(path, "cpu")
+    s = open_graph(path, "cpu")
     x = {"voxels": np.random.default_rng(1).standard_normal((1, VOXELS)).astype(np.float32)}
     for _ in range(3):
         s.run(x)

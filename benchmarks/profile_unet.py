@@ -2,15 +2,14 @@
 
     python benchmarks/profile_unet.py BUNDLE [--batch 2] [--runs 2]
 
-Runs with nsdedge's CPU session settings (runtime/session.py) plus profiling, discards the first (warm-up)
-call, and prints the share of node time per op type for the last one.
+Opens the graph through nsdedge's one seam (runtime/session.py, the runtime's CPU settings) with profiling on,
+discards the first (warm-up) call, and prints the share of node time per op type for the last one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -21,9 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    import onnxruntime as ort
-
     from nsdedge.bundle import read_manifest
+    from nsdedge.runtime.session import open_session
 
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle", type=Path)
@@ -31,13 +29,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     a = ap.parse_args()
     m = read_manifest(a.bundle, verify=False)
-    opts = ort.SessionOptions()
-    opts.enable_cpu_mem_arena = False
-    opts.add_session_config_entry("session.disable_prepacking", "1")
-    opts.intra_op_num_threads = len(os.sched_getaffinity(0))
-    opts.enable_profiling = True
-    opts.profile_file_prefix = "/tmp/nsdedge-unet-profile"
-    sess = ort.InferenceSession(str(a.bundle / m.components["unet"].file), opts, providers=["CPUExecutionProvider"])
+    sess = open_session(a.bundle, "unet", "cpu", manifest=m, profile="/tmp/nsdedge-unet-profile")
     h, w = m.latent_size
     rng = np.random.default_rng(0)
     b = a.batch
@@ -46,8 +38,8 @@ def main() -> None:
              "encoder_hidden_states": rng.standard_normal((b, 77, 768), dtype=np.float32),
              "ip_tokens": rng.standard_normal((b, 16, 768), dtype=np.float32), "ip_scale": np.array([1.0], np.float32)}
     for _ in range(a.runs):
-        sess.run(None, feeds)
-    trace = json.loads(Path(sess.end_profiling()).read_text())
+        sess.run(feeds)
+    trace = json.loads(sess.end_profiling().read_text())
     runs = [e for e in trace if e.get("name") == "model_run"]
     last = runs[-1]
     start, end = last["ts"], last["ts"] + last["dur"]

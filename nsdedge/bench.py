@@ -132,7 +132,7 @@ def _bench(bundle: str | Path, *, steps: int = 20, guidance: float = 7.5, runs: 
     comp = m.subjects[subject]
     for name in (comp, "unet", "vae_decoder"):
         if not low_memory:
-            rec._session(name)
+            rec.session(name)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     voxels = rng.standard_normal((1, rec.subjects[subject])).astype(np.float32)
@@ -152,13 +152,13 @@ def _bench(bundle: str | Path, *, steps: int = 20, guidance: float = 7.5, runs: 
     result["stages"]["decoder"] = timed(lambda: rec.decode(voxels, subject), runs, warmup)
     for batch in (1, 2):
         progress(f"unet step, batch {batch}")
-        unet = rec._session("unet")
+        unet = rec.session("unet")
         dt = unet.input_dtype("sample")
         feeds = {"sample": rng.standard_normal((batch, m.latent_channels, h, w)).astype(dt),
                  "timestep": np.array([500], dt), "encoder_hidden_states": np.repeat(rec.prompt_embeds, batch, 0).astype(dt),
                  "ip_tokens": np.repeat(tokens, batch, 0).astype(dt), "ip_scale": np.array([1.0], dt)}
         result["stages"][f"unet_step_b{batch}"] = timed(lambda: unet.run(feeds), runs, warmup)
-    rec._release("unet")
+    rec.release("unet")
     progress("vae decode")
     latent = rng.standard_normal((1, m.latent_channels, h, w)).astype(np.float32)
     result["stages"]["vae_decode"] = timed(lambda: rec.decode_latents(latent), runs, warmup)

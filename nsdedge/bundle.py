@@ -10,15 +10,18 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 from . import __version__
-from .errors import BundleError
+from .errors import BundleError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,8 @@ FORMAT = "nsdedge-bundle"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 CONSTANTS = "constants.npz"
+ENGINES = "engines"              # TensorRT engines and onnxruntime's TensorRT caches, written by nsdedge
+SUBJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")   # a subject name is part of a file name
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -44,27 +49,98 @@ def check_plain_name(name: str) -> str:
     return name
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def check_subject(name: str) -> str:
+    """A subject names a bundle file (decoder-<subject>.onnx): letters, digits, '_', '.', '-', at most 64."""
+    if not isinstance(name, str) or not SUBJECT.fullmatch(name):
+        raise InputError(f"subject {name!r}: use letters, digits, '_', '.' or '-' (at most 64, no path separators), "
+                         f"e.g. subj01")
+    return name
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and a rename."""
+def json_text(obj: Any) -> str:
+    """Strict JSON (RFC 8259 has no NaN or Infinity): NaN -> null, +-inf -> "inf" / "-inf"."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), indent=2, allow_nan=False) + "\n"
+
+
+def _new_name(path: Path, suffix: str) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
+    """A binary file that becomes `path` (by a rename in the same directory) only when the block ends cleanly.
+
+    The temporary file is created with mode 0666, which the kernel narrows by the process umask, so the result
+    has the permissions of any file the user writes; the umask is never read or changed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = _new_name(path, ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())        # mkstemp makes 0600; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory and a rename."""
+    with atomic_writer(path) as f:
+        f.write(data)
+
+
+def check_writable(path: Path) -> None:
+    """InputError unless `path` could be created: its nearest existing ancestor is a writable directory."""
+    base = Path(path).absolute().parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: cannot write there ({base} is not a writable directory)")
+
+
+def is_bundle(path: Path) -> bool:
+    """True if `path` is a directory whose manifest says it is an nsdedge bundle (no other check)."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(out: Path) -> None:
+    """`--force` replaces a bundle, never anything else: raise BundleError unless `out` is absent or an nsdedge
+    bundle holding only what nsdedge wrote (its manifest's files, the manifest and engines/)."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir() or not is_bundle(out):
+        raise BundleError(f"{out} exists and is not an nsdedge bundle (no {MANIFEST} of format {FORMAT}); "
+                          f"nsdedge replaces only bundles it wrote: choose another --out")
+    try:
+        files = json.loads((out / MANIFEST).read_text()).get("files", {})
+        ours = {MANIFEST, ENGINES, *(files if isinstance(files, dict) else {})}
+        others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    except OSError as e:
+        raise BundleError(f"{out}: cannot read the existing bundle ({e.strerror})") from None
+    if others:
+        raise BundleError(f"{out} holds files that are not part of the bundle ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}); move them away or choose another --out")
 
 
 @dataclass
@@ -117,6 +193,7 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     nsdedge_version: str = __version__
     schema_version: int = SCHEMA_VERSION
+    sha256: str = ""               # of manifest.json as read: names the whole bundle (every file's hash is in it)
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -149,7 +226,7 @@ class Manifest:
                  "vae_scale_factor", "vae_scaling_factor", "scheduler_config", "prompt", "negative_prompt",
                  "precision", "components", "constants", "source", "files"}
         try:
-            files = {check_plain_name(k): v for k, v in d["files"].items()}
+            files = {check_plain_name(k): _file_entry(k, v) for k, v in d["files"].items()}
             return cls(image_size=tuple(int(x) for x in d["image_size"]), latent_channels=int(d["latent_channels"]),
                        vae_scale_factor=int(d["vae_scale_factor"]), vae_scaling_factor=float(d["vae_scaling_factor"]),
                        scheduler_config=dict(d["scheduler_config"]), prompt=d["prompt"],
@@ -161,6 +238,14 @@ class Manifest:
             raise BundleError(f"bundle manifest is malformed: {type(e).__name__}: {e}") from None
 
 
+def _file_entry(name: str, entry: Any) -> dict[str, Any]:
+    """A `files` entry: {"size": bytes, "sha256": 64 hex digits}."""
+    if (not isinstance(entry, dict) or type(entry.get("size")) is not int or entry["size"] < 0
+            or not isinstance(entry.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+        raise BundleError(f"bundle manifest is malformed: files[{name!r}] must be {{\"size\": bytes, \"sha256\": hex}}")
+    return entry
+
+
 def read_manifest(bundle: Path, verify: bool = True) -> Manifest:
     """Read and check a bundle: schema version, every file present with its size, and its sha256 if `verify`."""
     bundle = Path(bundle)
@@ -168,18 +253,22 @@ def read_manifest(bundle: Path, verify: bool = True) -> Manifest:
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: bundle directory does not exist")
     try:
-        raw = json.loads(path.read_text())
+        text = path.read_bytes()
+        raw = json.loads(text)
     except FileNotFoundError:
         raise BundleError(f"{bundle}: no {MANIFEST} (not a bundle, or an export that did not finish)") from None
     except (OSError, ValueError) as e:
         raise BundleError(f"{path}: unreadable manifest: {e}") from None
     m = Manifest.from_json(raw)
+    m.sha256 = hashlib.sha256(text).hexdigest()
     needed = {CONSTANTS} | {f for c in m.components.values() for f in [c.file, *c.data_files]}
     missing = sorted(needed - set(m.files))
     if missing:
         raise BundleError(f"{bundle}: manifest has no checksum for {', '.join(missing)}")
     for name, info in m.files.items():
         p = bundle / name
+        if p.is_symlink():      # a bundle holds its own files; a link could point anywhere
+            raise BundleError(f"{bundle}: {name} is a symbolic link; a bundle holds plain files only")
         if not p.is_file():
             raise BundleError(f"{bundle}: missing file {name}")
         size = p.stat().st_size
@@ -193,16 +282,24 @@ def read_manifest(bundle: Path, verify: bool = True) -> Manifest:
 class BundleWriter:
     """Fill `tmp` (a sibling of `out`), then `commit(manifest)` hashes every file and renames into place.
 
-    Used as a context manager: leaving it with an exception, or without commit, removes `tmp`.
+    Used as a context manager: leaving it with an exception, or without commit, removes `tmp`. With `force`, an
+    existing `out` is replaced only if it is an nsdedge bundle (check_replaceable); anything else is refused.
     """
 
     def __init__(self, out: Path, force: bool = False):
         self.out = Path(out).absolute()
-        if self.out.exists() and not force:
-            raise BundleError(f"{self.out} exists; pass --force to replace it")
+        if self.out.exists() or self.out.is_symlink():
+            if not force:
+                raise BundleError(f"{self.out} exists; pass --force to replace it")
+            check_replaceable(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
-        os.chmod(self.tmp, 0o777 & ~_umask())    # mkdtemp makes 0700; a bundle is as readable as any directory
+        while True:
+            self.tmp = _new_name(self.out, ".partial")
+            try:
+                self.tmp.mkdir(0o777)            # narrowed by the umask like any directory the user makes
+                break
+            except FileExistsError:
+                continue
         self.force = force
         self.committed = False
 
@@ -215,21 +312,24 @@ class BundleWriter:
 
     def write_manifest(self, manifest: Manifest) -> None:
         """Hash every file now in `tmp` and write the manifest there (the bundle is then readable in place)."""
+        path = self.tmp / MANIFEST
+        path.write_text("{}")                    # created with the user's usual file mode
+        mode = stat.S_IMODE(path.stat().st_mode)
         manifest.files = {}
-        umask = _umask()
         for p in sorted(self.tmp.iterdir()):
             if p.is_file() and p.name != MANIFEST:
-                os.chmod(p, 0o666 & ~umask)      # some writers (onnxruntime's quantizer) create files 0600
+                os.chmod(p, mode)                # some writers (onnxruntime's quantizer) create files 0600
                 manifest.files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+        path.write_text(json_text(manifest.to_json()))
 
     def commit(self, manifest: Manifest) -> Path:
         self.write_manifest(manifest)
         old = None
-        if self.out.exists():
+        if self.out.exists() or self.out.is_symlink():
             if not self.force:
                 raise BundleError(f"{self.out} appeared during export; pass --force to replace it")
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            check_replaceable(self.out)          # again: it may have changed during a long export
+            old = _new_name(self.out, ".old")
             os.replace(self.out, old)
         os.replace(self.tmp, self.out)
         self.committed = True
@@ -237,4 +337,3 @@ class BundleWriter:
             shutil.rmtree(old, ignore_errors=True)
         log.info("bundle written to %s", self.out)
         return self.out
-

@@ -5,8 +5,8 @@ The library raises NsdedgeError; here it becomes one line on stderr and exit sta
 
 from __future__ import annotations
 
+import contextlib
 import io
-import json
 import logging
 import re
 import sys
@@ -17,20 +17,40 @@ import click
 
 from . import __version__
 from .errors import InputError, NsdedgeError
+from .runtime.schedulers import NAMES as SCHEDULERS
+from .runtime.session import PROVIDER_NAMES
 
 log = logging.getLogger("nsdedge")
 
-SCHEDULERS = ("ddim", "dpm", "euler")
-PROVIDER_NAMES = ("auto", "cpu", "cuda", "tensorrt", "engine")
 DEFAULT_PRESET = "tiny"
 
 
 def _setup_logging(verbose: int) -> None:
+    """The command's log lines on stderr: the `nsdedge` logger gets its own handler (nothing else is touched);
+    -v shows info, -vv debug, on the group or on any command."""
+    if not any(getattr(h, "_nsdedge", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._nsdedge = True
+        log.addHandler(handler)
+        log.propagate = False
+        log.setLevel(logging.WARNING)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(min(level, log.level))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _verbose(f):
+    """-v / --verbose on a command too (`nsdedge run -v` as well as `nsdedge -v run`)."""
+    return click.option("-v", "--verbose", count=True, expose_value=False, help="More log output (-v info, -vv debug).",
+                        callback=lambda ctx, param, value: _setup_logging(value))(f)
+
+
+class _Group(click.Group):
+    def add_command(self, cmd, name=None):
+        super().add_command(_verbose(cmd), name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nsdedge")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def cli(verbose: int) -> None:
@@ -40,11 +60,14 @@ def cli(verbose: int) -> None:
 
 # -- export -----------------------------------------------------------------------------------------
 def _parse_decoders(values: tuple[str, ...]) -> dict[str, Path]:
+    from .bundle import check_subject
+
     out: dict[str, Path] = {}
     for v in values:
         subject, sep, path = v.partition("=")
         if not sep or not subject or not path:
             raise InputError(f"--decoder {v!r}: expected SUBJECT=FILE, e.g. subj01=decoder.safetensors")
+        check_subject(subject)
         if subject in out:
             raise InputError(f"--decoder: subject {subject!r} given twice")
         out[subject] = Path(path)
@@ -84,8 +107,12 @@ def _parse_decoders(values: tuple[str, ...]) -> dict[str, Path]:
 def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision, calibration_voxels, calibration,
            int8_ops, target, opset, resolution, prompt, negative_prompt, seed, force, out):
     """Export decoders, the IP-token UNet and the VAE decoder to a verified ONNX bundle."""
-    if out.exists() and not force:
+    from .bundle import check_replaceable, check_writable
+
+    if (out.exists() or out.is_symlink()) and not force:
         raise InputError(f"{out} exists; pass --force to replace it")
+    check_replaceable(out)
+    check_writable(out)
     if precision == "int8" and target == "tensorrt" and not (calibration_voxels or calibration):
         from .calibration.record import CALIBRATION_NEEDED
 
@@ -116,9 +143,10 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
         from .export.build import export_bundle
         from .export.decoder_export import read_any_decoder
         from .export.presets import build_preset
-        from .export.sources import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, load_sources
+        from .export.sources import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, load_sources, quiet_libraries
     except ImportError as e:
         raise NsdedgeError(f"export needs the export extra ({e.name} is missing): pip install 'nsdedge[export]'") from None
+    quiet_libraries()
     decs = [read_any_decoder(p) for p in decoder_files.values()]
     for (subject, _), dec in zip(decoder_files.items(), decs):
         dec.subject = subject
@@ -154,6 +182,11 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _num(x, spec: str) -> str:
+    """A number from a manifest: strict JSON writes NaN as null and infinity as "inf"."""
+    return "-" if x is None else x if isinstance(x, str) else format(x, spec)
+
+
 def _summary(path: Path, m) -> str:
     lines = [f"bundle {path}  (nsdedge {m.nsdedge_version}, schema {m.schema_version}, {m.precision}, "
              f"target {m.extra.get('target', 'onnx')})",
@@ -163,7 +196,7 @@ def _summary(path: Path, m) -> str:
              f"  {'component':<22}{'precision':<10}{'size':>10}  {'parity (rel L2)*':<20}source"]
     for name, c in m.components.items():
         size = sum(m.files.get(f, {}).get("size", 0) for f in [c.file, *c.data_files])
-        parity = " ".join(f"{v:.1e}" for v in c.parity.values()) or "-"
+        parity = " ".join(_num(v, ".1e") for v in c.parity.values()) or "-"
         source = re.sub(r"([0-9a-f]{12})[0-9a-f]{52}", r"\1..", c.source)    # full hashes are in the manifest
         lines.append(f"  {name:<22}{c.precision:<10}{_human(size):>10}  {parity:<20}{source}")
     total = sum(f.get("size", 0) for f in m.files.values())
@@ -177,11 +210,13 @@ def _summary(path: Path, m) -> str:
         if f.get("int8_scheme"):
             lines.append(f"    int8: {f['int8_scheme']} over {', '.join(f['int8_ops'])}"
                          + (f"; calibration calls {f['calibration_calls']}" if f.get("calibration_calls") else ""))
-        lines.append("    component rel L2: " + ", ".join(f"{k} {v:.2e}" for k, v in f["component_rel_l2"].items()))
-        lines.append("    image PSNR dB: " + ", ".join(f"{v:.1f}" for v in f["psnr_db"])
-                     + "; SSIM: " + ", ".join(f"{v:.4f}" for v in f["ssim"]))
-        lines.append(f"    cond-uncond spread ratio: {f['cfg_spread_ratio']:.3f} "
-                     f"({f['cfg_spread']:.4f} vs {f['cfg_spread_fp32']:.4f}; < 0.9 means conditioning is lost)")
+        lines.append("    component rel L2: "
+                     + ", ".join(f"{k} {_num(v, '.2e')}" for k, v in f["component_rel_l2"].items()))
+        lines.append("    image PSNR dB: " + ", ".join(_num(v, ".1f") for v in f["psnr_db"])
+                     + "; SSIM: " + ", ".join(_num(v, ".4f") for v in f["ssim"]))
+        lines.append(f"    cond-uncond spread ratio: {_num(f['cfg_spread_ratio'], '.3f')} "
+                     f"({_num(f['cfg_spread'], '.4f')} vs {_num(f['cfg_spread_fp32'], '.4f')}; "
+                     f"< 0.9 means conditioning is lost)")
     return "\n".join(lines)
 
 
@@ -209,9 +244,11 @@ def default_bundle() -> Path:
     try:
         from .export.build import export_bundle
         from .export.presets import build_preset
+        from .export.sources import quiet_libraries
     except ImportError as e:
         raise NsdedgeError(f"the default bundle is built on first use and needs the export extra ({e.name} is "
                            f"missing): pip install 'nsdedge[export]', or pass --bundle") from None
+    quiet_libraries()
     export_bundle(build_preset(DEFAULT_PRESET), path, force=True)
     return path
 
@@ -222,19 +259,6 @@ def _png_bytes(image) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _parse_trials(text: str | None) -> slice | None:
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", text)
-    if not m:
-        raise InputError(f"--trials {text!r}: expected START:STOP, e.g. 0:10")
-    start = int(m.group(1) or 0)
-    stop = int(m.group(2)) if m.group(2) else None
-    if stop is not None and stop <= start:
-        raise InputError(f"--trials {text!r}: STOP must be greater than START")
-    return slice(start, stop)
 
 
 @cli.command()
@@ -256,52 +280,29 @@ def _parse_trials(text: str | None) -> slice | None:
 def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, provider, low_memory, no_verify, trials,
         out):
     """Reconstruct images from a voxel file."""
-    from .bundle import atomic_write_bytes
-    from .runtime import Reconstructor
-    from .voxels import load_voxels
+    from .runtime.batch import Settings, check_output, parse_trials, read_trials, reconstruct
 
-    if not voxels.exists():
-        raise InputError(f"{voxels}: no such file")
-    rec = Reconstructor(bundle or default_bundle(), provider=provider, low_memory=low_memory, verify=not no_verify)
-    subject = rec.subject(subject)
-    rows = _parse_trials(trials)
-    first = rows.start if rows else 0
-    x = load_voxels(voxels, expected_voxels=rec.subjects[subject], rows=rows)
-    n = len(x)
-    single = out.suffix.lower() == ".png"
-    if single and n != 1:
-        raise InputError(f"{voxels}: {n} trials cannot go to one PNG; give a directory as --out")
-    settings = {"bundle": str(rec.path.resolve()), "subject": subject, "steps": steps, "guidance": guidance,
-                "ip_scale": ip_scale, "scheduler": scheduler, "seed": seed, "voxels": str(voxels.resolve())}
-    if single:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        targets = [out]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        record = out / "nsdedge-run.json"
-        if record.is_file():
-            try:
-                before = json.loads(record.read_text())
-            except ValueError:
-                before = None
-            if before != settings:
-                raise InputError(f"{out} holds images made with other settings ({record.name}); "
-                                 f"choose another --out or delete it")
-        else:
-            atomic_write_bytes(record, (json.dumps(settings, indent=2) + "\n").encode())
-        targets = [out / f"{first + i:04d}.png" for i in range(n)]
-    todo = [i for i in range(n) if single or not targets[i].exists()]
-    if len(todo) < n:
-        click.echo(f"{n - len(todo)} of {n} images already in {out}; skipping them", err=True)
-    log.info("running on provider %s", rec.provider)
-    with click.progressbar(length=len(todo) * steps, label=f"{len(todo)} trial(s) x {steps} steps",
-                           file=sys.stderr) as bar:
-        for i in todo:
-            tokens = rec.decode(x[i:i + 1], subject, name=str(voxels))
-            image = rec.generate(tokens, steps=steps, guidance=guidance, ip_scale=ip_scale, scheduler=scheduler,
-                                 seed=seed + first + i, callback=lambda done, total: bar.update(1))
-            atomic_write_bytes(targets[i], _png_bytes(image[0]))
-    click.echo(f"wrote {len(todo)} image(s) to {out} (provider {rec.provider})")
+    # everything is checked before the bundle is hashed (or the default one built) and before anything is written
+    tr = read_trials(voxels, parse_trials(trials, "--trials"))
+    Settings(steps, guidance, ip_scale, scheduler, seed).checked(tr.rows[-1])
+    check_output(out, len(tr.rows))
+    with contextlib.ExitStack() as stack:
+        bar, at = None, 0
+
+        def progress(p) -> None:            # a bar over all steps of the images this run makes
+            nonlocal bar, at
+            if bar is None:
+                if p.skipped:
+                    click.echo(f"{p.skipped} of {p.skipped + p.todo} images already in {out}; skipping them", err=True)
+                bar = stack.enter_context(click.progressbar(length=max(p.todo * p.steps, 1), file=sys.stderr,
+                                                            label=f"{p.todo} trial(s) x {p.steps} steps"))
+            bar.update(p.done * p.steps + p.step - at)
+            at = p.done * p.steps + p.step
+
+        result = reconstruct(bundle or default_bundle(), tr, out, subject=subject, steps=steps, guidance=guidance,
+                             ip_scale=ip_scale, scheduler=scheduler, seed=seed, provider=provider,
+                             low_memory=low_memory, verify=not no_verify, progress=progress)
+    click.echo(f"wrote {len(result.written)} image(s) to {out} (provider {result.provider})")
 
 
 # -- bench ----------------------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, pro
 def bench(bundle, steps, guidance, runs, warmup, e2e_runs, provider, low_memory, json_out):
     """Latency per stage (median, p90, min), load time, peak RSS and sizes of a bundle."""
     from .bench import bench_bundle, format_table
-    from .bundle import atomic_write_bytes
+    from .bundle import atomic_write_bytes, json_text
 
     t0 = time.perf_counter()
     r = bench_bundle(bundle, steps=steps, guidance=guidance, runs=runs, warmup=warmup, e2e_runs=e2e_runs,
@@ -327,7 +328,7 @@ def bench(bundle, steps, guidance, runs, warmup, e2e_runs, provider, low_memory,
     r["command"] = " ".join(sys.argv)
     click.echo(format_table(r))
     if json_out:
-        atomic_write_bytes(json_out, (json.dumps(r, indent=2) + "\n").encode())
+        atomic_write_bytes(json_out, json_text(r).encode())
 
 
 # -- calibrate ----------------------------------------------------------------------------------------
@@ -341,7 +342,10 @@ def bench(bundle, steps, guidance, runs, warmup, e2e_runs, provider, low_memory,
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Calibration file (.npz).")
 def calibrate(bundle, voxels, subject, steps, guidance, scheduler, out):
     """Record what every graph sees while the fp32 pipeline reconstructs real trials (an .npz)."""
+    import numpy as np
+
     from .calibration import record_calibration
+    from .calibration.record import CALLS
     from .runtime import Reconstructor
     from .voxels import load_voxels
 
@@ -352,7 +356,8 @@ def calibrate(bundle, voxels, subject, steps, guidance, scheduler, out):
     x = load_voxels(voxels, expected_voxels=rec.subjects[subject])
     recorder = record_calibration(rec, x, subject, steps=steps, guidance=guidance, scheduler=scheduler)
     recorder.save(out)
-    shapes = ", ".join(f"{k} {v.shape}" for k, v in recorder.arrays().items())
+    shapes = ", ".join(f"{c}/{n} {(len(v), *np.shape(v[0]))}" for c, d in recorder.by_component().items()
+                       for n, v in d.items() if not n.endswith(CALLS))
     click.echo(f"wrote {out}: {shapes}")
 
 
@@ -384,9 +389,11 @@ def fit(voxels, embeddings, out, subject, alphas, rank, no_rescale):
     """Fit a ridge decoder from voxels to IP-Adapter-Plus tokens (an alpha per token by leave-one-out)."""
     import numpy as np
 
+    from .bundle import check_subject
     from .decoders.ridge import DEFAULT_ALPHAS, fit_ridge
     from .voxels import load_voxels
 
+    check_subject(subject)
     x = load_voxels(voxels)
     y = _load_embeddings(embeddings)
     if y.shape[0] != x.shape[0] or y.shape[1:] not in ((16, 768), (16 * 768,)):
@@ -456,7 +463,7 @@ def _done_counter(bar):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Tokens (N, 16, 768) .npy.")
 def embed(stimuli, ip_adapter, image_encoder, batch, out):
     """IP-Adapter-Plus tokens of the stimuli: the targets of `nsdedge fit`."""
-    from .images import ImageSet
+    from .eval.images import ImageSet
 
     images = ImageSet(stimuli)
     try:
@@ -496,9 +503,9 @@ def embed(stimuli, ip_adapter, image_encoder, batch, out):
 @click.option("--sheet-count", type=click.IntRange(1, 1000), default=16, show_default=True)
 def eval_(recons, stimuli, reference, preset, weights_dir, pixel_only, json_out, sheet, sheet_count):
     """PixCorr, SSIM and the six feature metrics of reconstructions against stimuli (or another bundle's output)."""
-    from .bundle import atomic_write_bytes
-    from .evaluate import METRICS, evaluate, format_metrics, missing_weights
-    from .images import ImageSet, contact_sheet, pair_keys
+    from .bundle import atomic_write_bytes, json_text
+    from .eval.images import ImageSet, contact_sheet, pair_keys
+    from .eval.metrics import METRICS, evaluate, format_metrics, missing_weights
 
     if (stimuli is None) == (reference is None):
         raise InputError("give exactly one of --stimuli (the seen images) or --reference (fidelity mode)")
@@ -513,7 +520,7 @@ def eval_(recons, stimuli, reference, preset, weights_dir, pixel_only, json_out,
     metrics = tuple(m for m in METRICS if not (pixel_only and m.network))
     missing = missing_weights(weights_dir, metrics)
     if missing:
-        from .features import NETWORKS
+        from .eval.features import NETWORKS
 
         need = "; ".join(f"{NETWORKS[n].files[0]} ({', '.join(ms)})" for n, ms in missing.items())
         where = f"in {weights_dir}" if weights_dir else "(no --weights-dir given)"
@@ -533,9 +540,8 @@ def eval_(recons, stimuli, reference, preset, weights_dir, pixel_only, json_out,
     click.echo(format_metrics(result))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        # JSON has no infinity: identical images (PSNR inf) are written as the string "inf"
-        finite = {k: ("inf" if isinstance(v, float) and v == float("inf") else v) for k, v in result["metrics"].items()}
-        atomic_write_bytes(json_out, (json.dumps({**result, "metrics": finite}, indent=2) + "\n").encode())
+        # strict JSON: identical images (PSNR inf) give "inf", an undefined metric (NaN) null
+        atomic_write_bytes(json_out, json_text(result).encode())
         click.echo(f"wrote {json_out}")
     if sheet:
         show = keys[:sheet_count]
@@ -561,6 +567,10 @@ def main() -> None:
         sys.exit(130)
     except MemoryError:
         click.echo("error: out of memory", err=True)
+        sys.exit(2)
+    except OSError as e:          # the machine said no (permissions, a full disk, a read-only mount): one line
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e}", err=True)
         sys.exit(2)
     sys.exit(0)
 

@@ -59,11 +59,15 @@ def load_voxels(path: str | Path, expected_voxels: int | None = None, key: str |
                                  f"unpickles") from None
     else:
         arr = loaded
-    if rows is not None and arr.ndim == 2:
+    if rows is not None and arr.ndim in (1, 2):
+        if arr.ndim == 1:
+            arr = arr[None, :]                  # one trial is row 0: a selection that misses it selects nothing
         total = len(arr)
         arr = arr[rows]
-        if len(arr) == 0:
-            raise InputError(f"{path}: trials {rows.start}:{rows.stop} select nothing (the file holds {total})")
+        if len(arr) == 0 and total:
+            stop = "" if rows.stop is None else rows.stop
+            raise InputError(f"{path}: trials {rows.start or 0}:{stop} select nothing (the file holds {total} "
+                             f"trial{'s' * (total != 1)}, rows 0 to {total - 1})")
     return validate_voxels(arr, str(path), expected_voxels)
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from nsdedge.bundle import read_manifest
-from nsdedge.engines import (Device, check_engine, engine_key, engine_paths, pick_profile, profile_shapes,
-                             record_engine)
+from nsdedge.export.trt_build import record_engine
+from nsdedge.runtime.trt_engine import Device, check_engine, engine_key, engine_paths, pick_profile, profile_shapes
 from nsdedge.errors import ProviderError
-from nsdedge.runtime.session import Session, cuda_options, resolve, tensorrt_options
+from nsdedge.runtime.session import cuda_options, open_graph, resolve, tensorrt_options
 from tests.conftest import run_cli
 
 ORIN = Device("Orin (nvgpu)", "8.7", "8.5.2")
@@ -113,7 +113,7 @@ def test_missing_gpu_backends_are_clear_errors(tiny_bundle, trial, tmp_path):
 
 def test_engines_need_a_tensorrt_target_bundle(tiny_bundle):
     """A --target onnx bundle has contrib-op attention that TensorRT cannot parse: refused before any GPU work."""
-    from nsdedge.engines import build_engines
+    from nsdedge.export.trt_build import build_engines
     from nsdedge.errors import NsdedgeError
 
     with pytest.raises(NsdedgeError, match="--target tensorrt"):
@@ -123,7 +123,7 @@ def test_engines_need_a_tensorrt_target_bundle(tiny_bundle):
 
 def test_bound_constants_give_the_same_outputs(tiny_bundle):
     """I/O binding (constants uploaded once, as the GPU path keeps them on the device) changes nothing."""
-    s = Session(tiny_bundle / "unet.onnx", "cpu")
+    s = open_graph(tiny_bundle / "unet.onnx", "cpu")
     rng = np.random.default_rng(0)
     const = {"encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32),
              "ip_tokens": rng.standard_normal((2, 16, 768), dtype=np.float32), "ip_scale": np.array([0.7], np.float32)}
@@ -138,7 +138,7 @@ def test_bound_constants_give_the_same_outputs(tiny_bundle):
 @pytest.mark.gpu
 def test_native_engines_build_cache_and_match_cpu(tmp_path):
     pytest.importorskip("tensorrt")
-    from nsdedge.engines import build_engines
+    from nsdedge.export.trt_build import build_engines
     from nsdedge.export.build import export_bundle
     from nsdedge.export.presets import build_preset
     from nsdedge.runtime import Reconstructor

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from nsdedge.evaluate import PRESETS, evaluate, gray_ssim, pixcorr
-from nsdedge.images import ImageSet, resize
+from nsdedge.eval.images import ImageSet, resize
+from nsdedge.eval.metrics import PRESETS, evaluate, gray_ssim, pixcorr
 
 
 def smooth_images(n: int, size: int = 48, seed: int = 0) -> np.ndarray:
@@ -112,7 +112,7 @@ def test_feature_extractor_equals_torchvision_forward(weights_dir):
     torch = pytest.importorskip("torch")
     from torchvision.models import alexnet
 
-    from nsdedge.features import NETWORKS, FeatureExtractor
+    from nsdedge.eval.features import NETWORKS, FeatureExtractor
 
     ex = FeatureExtractor(NETWORKS["alexnet"], weights_dir / "alexnet-owt-7be5be79.pth")
     imgs = smooth_images(2, size=PRESETS["mindeye"].sizes["alexnet"]).astype(np.float32) / 255
@@ -200,7 +200,7 @@ def test_cli_eval_bad_input(tmp_path, case, weights_dir):
 
 def test_feature_two_way_against_shuffled_copy_is_about_chance(tmp_path, weights_dir):
     """Each reconstruction is another stimulus (a derangement): identification falls to about 50 %."""
-    from nsdedge.evaluate import METRICS
+    from nsdedge.eval.metrics import METRICS
 
     imgs = smooth_images(24, seed=5)
     np.save(tmp_path / "a.npy", imgs)

@@ -1,6 +1,6 @@
 import numpy as np
 
-from nsdedge.evaluate import two_way_identification
+from nsdedge.eval.metrics import two_way_identification
 
 
 def test_two_way_equals_direct_loop():
@@ -24,7 +24,7 @@ def test_known_answers():
 def test_ssim_and_psnr_match_scikit_image():
     import pytest
     metrics = pytest.importorskip("skimage.metrics")
-    from nsdedge.evaluate import psnr, ssim
+    from nsdedge.eval.metrics import psnr, ssim
 
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (48, 48, 3)).astype(np.float64)

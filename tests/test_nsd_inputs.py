@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from nsdedge.images import ImageSet
+from nsdedge.eval.images import ImageSet
 from nsdedge.voxels import load_voxels
 
 

@@ -6,7 +6,7 @@ import pytest
 from nsdedge.decoders.linear import read_decoder
 from nsdedge.decoders.ridge import fit_ridge
 from nsdedge.decoders.synth import make_synthetic
-from nsdedge.evaluate import two_way_identification
+from nsdedge.eval.metrics import two_way_identification
 from tests.conftest import run_cli
 
 

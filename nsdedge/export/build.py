@@ -15,8 +15,7 @@ from ..calibration.record import CALIBRATION_NEEDED
 from ..errors import NsdedgeError
 from .decoder_export import export_decoder
 from .onnx_export import OPSET, GraphSpec, export_and_verify
-from .sources import (DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, Sources, encode_prompt, quiet_libraries,
-                      unconditional_tokens)
+from .sources import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, Sources, encode_prompt, unconditional_tokens
 from .wrappers import UNetIP, VAEDecoder, install_ip_adapter
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,6 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
         raise NsdedgeError(f"--resolution {resolution} must be a multiple of {f * m} for this model "
                            f"(VAE factor {f} x UNet downsampling {m})")
     latent = (resolution // f, resolution // f)
-    quiet_libraries()
     t_start = time.perf_counter()
     with BundleWriter(out, force) as w:
         comps: dict[str, Component] = {}

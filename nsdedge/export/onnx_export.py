@@ -79,8 +79,6 @@ def export_onnx(module: torch.nn.Module, spec: GraphSpec, samples: tuple[torch.T
     if external_data is None:
         nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
         external_data = nbytes > EXTERNAL_DATA_BYTES
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)   # its INFO lines flood any log
-    logging.getLogger("onnxscript").setLevel(logging.WARNING)
     if spec.opset < OPSET:
         return _export_legacy(module, spec, samples, path)
     table = None
@@ -155,12 +153,9 @@ def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
 def verify_onnx(path: Path, spec: GraphSpec, feeds: dict[str, np.ndarray], expected: np.ndarray,
                 bound: float | None = None) -> float:
     """Run the graph with onnxruntime (CPU) and compare with the torch output; raise ParityError if off."""
-    import onnxruntime as ort
+    from ..runtime.session import open_graph
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    got = sess.run([spec.outputs[0]], feeds)[0]
+    got = open_graph(path, "cpu").run(feeds)[spec.outputs[0]]
     err = rel_l2(got, expected)
     bound = spec.rel_l2 if bound is None else bound
     if not err <= bound:

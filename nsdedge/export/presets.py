@@ -77,12 +77,19 @@ def _image_encoder(hidden: int, layers: int, heads: int, image_size: int, patch:
 
 
 def build_preset(name: str, seed: int = 0) -> Sources:
-    """The modules of preset `name`, built with torch's generator seeded by `seed`."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
+    """The modules of preset `name`, their weights drawn from torch's generator seeded by `seed`. The modules
+    initialise themselves from torch's global generator: its state is saved and restored around the build, so
+    the caller's random stream is as it was."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_preset(name, seed)
+
+
+def _build_preset(name: str, seed: int) -> Sources:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     tok = byte_tokenizer()
     if name == "tiny":
         unet = UNet2DConditionModel(

@@ -100,8 +100,9 @@ def int8_exclusions(path: Path, keep_float: tuple[str, ...] = INT8_KEEP_FLOAT) -
 
 @contextlib.contextmanager
 def _without_value_info(src: Path):
-    """A copy of `src` without value_info: the exporter's symbolic shapes make onnx's shape inference, which
-    the quantizers run, fail ("Inferred shape and existing shape differ")."""
+    """A copy of `src` prepared for onnxruntime's quantizers: without value_info, since the exporter's symbolic
+    shapes make onnx's shape inference, which the quantizers run, fail ("Inferred shape and existing shape
+    differ"); with a type for the outputs of contrib ops; and marked as prepared."""
     import onnx
 
     model = onnx.load(str(src))
@@ -112,6 +113,11 @@ def _without_value_info(src: Path):
         if n.domain == "com.microsoft":
             for out in n.output:
                 model.graph.value_info.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+    # onnxruntime's pre-processing (symbolic shape inference + optimisation) is what this function does in its
+    # place; the marker it leaves stops the quantizers from advising it on every call (through the root logger,
+    # which then gets a handler of its own: a side effect on the caller's process)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        "onnx.quant.pre_process": "onnxruntime.quant"})
     plain = src.with_name(src.stem + ".noshapes.onnx")
     save_onnx(model, plain)
     del model
@@ -119,17 +125,6 @@ def _without_value_info(src: Path):
         yield plain
     finally:
         remove(src.parent, [plain.name, plain.name + ".data"])
-
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)   # the quantizer advises pre-processing on the root logger at every call
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def _is_big(src: Path) -> bool:
@@ -176,7 +171,7 @@ def to_int8_dynamic(src: Path, dst: Path, op_types: tuple[str, ...] = INT8_OPS) 
 
     weights_only = "ConvWeights" in op_types
     op_types = tuple(o for o in op_types if o != "ConvWeights")
-    with _without_value_info(src) as plain, _quiet_root_logger():
+    with _without_value_info(src) as plain:
         quantize_dynamic(str(plain), str(dst), op_types_to_quantize=list(op_types), weight_type=QuantType.QInt8,
                          per_channel=False, nodes_to_exclude=int8_exclusions(src), use_external_data_format=_is_big(src),
                          # shape inference cannot type the outputs of contrib ops (MultiHeadAttention)
@@ -206,31 +201,35 @@ def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], op_types: tuple[str, ..
                 method: str = QDQ_CALIBRATION) -> list[str]:
     """Static QDQ for TensorRT: activation scales from `feeds` (recorded real inputs), symmetric int8
     activations, per-channel symmetric int8 weights (output channels: Conv axis 0, MatMul axis 1)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, create_calibrator, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
     if not feeds:
         raise NsdedgeError(f"{src.name}: no calibration inputs recorded for static int8")
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[method]
-    with tempfile.TemporaryDirectory(dir=src.parent, prefix=".calib-") as scratch, \
-            _without_value_info(src) as plain, _quiet_root_logger():
-        # the calibrator writes an augmented copy of the model (ReduceMin / ReduceMax on every tensor it
-        # calibrates, so a call returns scalars) to a temp dir: keep it on the bundle's disk, not /tmp
-        old = tempfile.tempdir
-        tempfile.tempdir = scratch
-        try:
-            quantize_static(str(plain), str(dst), _Feeds(feeds), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(op_types), per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=int8_exclusions(src, QDQ_KEEP_FLOAT),
-                            use_external_data_format=_is_big(src), calibrate_method=calibrate,
-                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                           "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-                                           "MatMulConstBOnly": True,     # weights; attention BMMs stay float
-                                           # not CalibMaxIntermediateOutputs: onnxruntime 1.31's MinMax
-                                           # calibrator drops each chunk's ranges (only the last chunk counted)
-                                           "CalibPercentile": 99.999})
-        finally:
-            tempfile.tempdir = old
+    with tempfile.TemporaryDirectory(dir=src.parent, prefix=".calib-") as scratch, _without_value_info(src) as plain:
+        # Calibration first, on the bundle's disk: the calibrator writes an augmented copy of the model (a
+        # ReduceMin / ReduceMax per calibrated tensor; GBs for a UNet) beside it, not in the system temp dir.
+        # quantize_static then reads the ranges from the cache file and calibrates nothing itself.
+        calibrator = create_calibrator(plain, list(op_types),
+                                       augmented_model_path=str(Path(scratch) / "augmented.onnx"),
+                                       calibrate_method=calibrate, use_external_data_format=_is_big(src),
+                                       extra_options={"percentile": 99.999})
+        # one call at a time, not CalibMaxIntermediateOutputs: onnxruntime 1.31's MinMax calibrator drops each
+        # chunk's ranges (only the last chunk counted)
+        calibrator.collect_data(_Feeds(feeds))
+        cache = Path(scratch) / "ranges.json"
+        save_tensors_data(calibrator.compute_data(), cache)
+        del calibrator
+        quantize_static(str(plain), str(dst), None, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(op_types), per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=int8_exclusions(src, QDQ_KEEP_FLOAT),
+                        use_external_data_format=_is_big(src), calibrate_method=calibrate,
+                        calibration_cache_path=str(cache),
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                                       "MatMulConstBOnly": True})     # weights; attention BMMs stay float
     return _written(dst)
 
 
@@ -261,12 +260,13 @@ def remove(folder: Path, files: list[str]) -> None:
             pass
 
 
-def _component_error(folder: Path, fp32_file: str, new_file: str, feeds_list: list[dict]) -> float:
+def _component_error(folder: Path, manifest, name: str, new_file: str, feeds_list: list[dict]) -> float:
     """Worst relative L2 error of the converted graph against the fp32 graph over recorded inputs."""
-    from ..runtime.session import Session
+    from ..runtime.session import open_session
     from .onnx_export import rel_l2
 
-    a, b = Session(folder / fp32_file, "cpu"), Session(folder / new_file, "cpu")
+    a = open_session(folder, name, "cpu", manifest=manifest)
+    b = open_session(folder, name, "cpu", manifest=manifest, file=new_file)
     worst = 0.0
     for feeds in feeds_list:
         ra, rb = a.run(feeds), b.run(feeds)
@@ -294,7 +294,7 @@ def calibration_records(folder: Path, calibration_voxels: Path | None, calibrati
                         held_out: int, steps: int, guidance: float, progress=lambda s: None) -> dict:
     """{component: [feeds, ...]} for static int8: a recorded file (`nsdedge calibrate`), or a fresh recording
     of the fp32 bundle in `folder` over the calibration trials that are not held out for the fidelity report."""
-    from ..calibration import load_calibration, record_calibration
+    from ..calibration import calls, load_calibration, record_calibration
     from ..runtime import Reconstructor
     from ..voxels import load_voxels
 
@@ -309,30 +309,23 @@ def calibration_records(folder: Path, calibration_voxels: Path | None, calibrati
             if fit.shape[1] != rec.subjects[subject]:
                 continue
             progress(f"calibration: recording the fp32 pipeline over {len(fit)} trial(s) of {subject}")
-            recorded: dict = {}
-            for k, v in record_calibration(rec, fit, subject, steps=steps, guidance=guidance).arrays().items():
-                c, _, n = k.rpartition("/")
-                recorded.setdefault(c, {})[n] = v
+            recorded = record_calibration(rec, fit, subject, steps=steps, guidance=guidance).by_component()
             for c, arrays in recorded.items():
                 data.setdefault(c, arrays)                    # one subject's UNet and VAE calls are plenty
     else:
         from ..calibration.record import CALIBRATION_NEEDED
 
         raise NsdedgeError(CALIBRATION_NEEDED)
-    out = {}
-    for comp, arrays in data.items():
-        names = [n for n in arrays if n != "noise_pred"]
-        calls = len(arrays[names[0]]) if names else 0
-        out[comp] = [{n: np.asarray(arrays[n][i], np.float32) for n in names} for i in range(calls)]
-    return out
+    return {comp: [{n: np.asarray(v, np.float32) for n, v in feeds.items()} for feeds in calls(arrays)]
+            for comp, arrays in data.items()}
 
 
 def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path | None = None,
                     steps: int = 10, guidance: float = 7.5, int8_ops: tuple[str, ...] = INT8_OPS,
                     target: str = "onnx", calibration: Path | None = None, progress=lambda s: None) -> dict:
     """Convert the fp32 graphs in `writer.tmp` to `precision` and write the fidelity report into the manifest."""
-    from ..calibration import Recorder
-    from ..evaluate import psnr, ssim
+    from ..calibration import Recorder, calls
+    from ..eval.metrics import psnr, ssim
     from ..runtime import Reconstructor
     from ..runtime.pipeline import FP32_VAE
 
@@ -347,13 +340,11 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
     ref_images = ref(trials[first], first, steps=steps, guidance=guidance, seed=0)
     ref_tokens = {s: ref.decode(x, s) for s, x in trials.items()}
     del ref
-    calls = ref_rec.arrays()
+    recorded = ref_rec.by_component()
 
     def feeds_for(component: str) -> list[dict]:
-        names = [k.split("/", 1)[1] for k in calls if k.startswith(component + "/") and k != "unet/noise_pred"]
-        count = len(calls[f"{component}/{names[0]}"]) if names else 0
-        picks = range(count) if component != "unet" else sorted({0, count // 2, count - 1})
-        return [{n: calls[f"{component}/{n}"][i] for n in names} for i in picks]
+        feeds = calls(recorded.get(component, {}))
+        return feeds if component != "unet" else [feeds[i] for i in sorted({0, len(feeds) // 2, len(feeds) - 1})]
 
     static = precision == "int8" and target == "tensorrt"
     records = (calibration_records(folder, calibration_voxels, calibration, len(trials[first]), steps, guidance,
@@ -368,7 +359,7 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
             feeds = [{"voxels": trials[comp.extra["subject"]]}]
         else:
             feeds = feeds_for(name)
-        component_errors[name] = _component_error(folder, comp.file, files[0], feeds)
+        component_errors[name] = _component_error(folder, manifest, name, files[0], feeds)
         old = [comp.file, *comp.data_files]
         if name == "vae_decoder" and precision == "fp16":      # keep the fp32 VAE for overflow fallback
             manifest.components[FP32_VAE] = type(comp)(FP32_VAE, comp.file, "fp32", comp.inputs, comp.outputs,
@@ -383,13 +374,13 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
     q_rec = Recorder()
     q = Reconstructor(folder, "cpu", verify=False, observer=q_rec)
     images = q(trials[first], first, steps=steps, guidance=guidance, seed=0)
-    qcalls = q_rec.arrays()
     del q
 
     def spread(noise):                       # std of cond - uncond noise predictions, over steps
         return float(np.std(noise[:, 1] - noise[:, 0])) if noise.shape[1] == 2 else float("nan")
 
-    s_ref, s_q = spread(calls["unet/noise_pred"]), spread(qcalls["unet/noise_pred"])
+    s_ref = spread(np.stack(recorded["unet"]["noise_pred"]))
+    s_q = spread(np.stack(q_rec.by_component()["unet"]["noise_pred"]))
     fidelity = {
         "precision": precision, "target": target, "steps": steps, "guidance": guidance, "subject": first,
         "int8_ops": (list(QDQ_OPS) if static else list(int8_ops)) if precision == "int8" else None,

@@ -72,7 +72,8 @@ def folder_digest(folder: Path) -> str:
 
 
 def quiet_libraries() -> None:
-    """diffusers / transformers / torch.onnx print progress bars and advice on every load; the CLI shows its own."""
+    """diffusers / transformers / torch.onnx print progress bars and advice on every load, onnx_ir an INFO line per
+    pass: the CLI, which owns its process and shows its own progress, calls this; the library never does."""
     import diffusers
     import transformers
 
@@ -92,7 +93,6 @@ def load_sd15(path: str | Path, config: str | Path | None = None) -> dict:
     single-file original checkpoint (.safetensors, or .ckpt read with weights_only) through diffusers'
     own converter. A single file carries no configs or tokenizer: `config` names a diffusers SD 1.5
     folder that describes it (only its configs and tokenizer are read); by default the file's own folder."""
-    quiet_libraries()
     path = Path(path)
     if path.is_file():
         return _load_single_file(path, Path(config) if config else path.parent)
@@ -154,15 +154,10 @@ def _load_single_file(path: Path, config: Path) -> dict:
 
 
 def load_image_encoder(path: str | Path):
-    from transformers import CLIPVisionModelWithProjection
+    """The CLIP ViT-H vision model (transformers folder) that computes the unconditional ip tokens."""
+    from ..eval.features import load_clip_vision
 
-    path = Path(path)
-    if not path.is_dir():
-        raise WeightsError(f"{path}: no such CLIP vision folder")
-    try:
-        return CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True).eval()
-    except Exception as e:  # transformers raises OSError, ValueError, RuntimeError, ...
-        raise WeightsError(f"{path}: cannot load CLIPVisionModelWithProjection: {_first_line(e)}") from None
+    return load_clip_vision(path)
 
 
 def load_sources(sd: str | Path, ip_adapter: str | Path, image_encoder: str | Path,

@@ -1,5 +1,6 @@
 """The lean runtime: numpy + onnxruntime (+ tensorrt where present). Never imports torch."""
 
+from .batch import reconstruct
 from .pipeline import Reconstructor
 
-__all__ = ["Reconstructor"]
+__all__ = ["Reconstructor", "reconstruct"]

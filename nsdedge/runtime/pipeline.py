@@ -18,11 +18,12 @@ from ..bundle import CONSTANTS, Manifest, read_manifest
 from ..errors import BundleError, InputError, NsdedgeError
 from ..voxels import validate_voxels
 from .schedulers import make_scheduler
-from .session import ENGINE, Session, available, cuda_options, resolve, tensorrt_options
+from .session import Backend, open_session, resolve
 
 log = logging.getLogger(__name__)
 
 FP32_VAE = "vae_decoder_fp32"     # fp16 bundles carry it for images whose fp16 decode overflows
+SEED_LIMIT = 2 ** 63              # image i of a call uses seed + i: every such seed must stay below this
 
 StepCallback = Callable[[int, int], None]       # (step done, steps in all)
 # observer(component, inputs, outputs): sees what every graph is fed and returns (calibration, fidelity)
@@ -30,7 +31,8 @@ Observer = Callable[[str, dict, dict], None]
 
 
 class Reconstructor:
-    """A bundle, ready to run. `provider`: auto | cpu | cuda | tensorrt. `low_memory`: one graph loaded at a time."""
+    """A bundle, ready to run. `provider`: auto | cpu | cuda | tensorrt | engine (session.py).
+    `low_memory`: one graph loaded at a time."""
 
     def __init__(self, bundle: str | Path, provider: str = "auto", *, verify: bool = True,
                  low_memory: bool = False, threads: int | None = None, observer: Observer | None = None,
@@ -43,7 +45,7 @@ class Reconstructor:
         self.low_memory = low_memory
         self.threads = threads
         self.observer = observer
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, Backend] = {}
         try:
             with np.load(self.path / CONSTANTS, allow_pickle=False) as c:
                 self.prompt_embeds = c["prompt_embeds"].astype(np.float32)            # (1, 77, 768)
@@ -54,34 +56,18 @@ class Reconstructor:
         log.info("bundle %s (%s) on provider %s", self.path, self.manifest.precision, self.provider)
 
     # -- sessions -----------------------------------------------------------------------------------
-    def _session(self, component: str) -> Session:
+    def session(self, component: str) -> Backend:
+        """The graph of `component` on this provider, opened on first use (low memory: only it stays open)."""
         if component not in self._sessions:
             if self.low_memory:
                 self._sessions.clear()
-            c = self.manifest.components[component]
-            self._sessions[component] = self._open(component, self.path / c.file)
+            self._sessions[component] = open_session(
+                self.path, component, self.provider, manifest=self.manifest, low_memory=self.low_memory,
+                threads=self.threads, engine_cache=self.engine_cache, engine_batches=self.engine_batches)
         return self._sessions[component]
 
-    def _open(self, component: str, path: Path):
-        if self.provider == ENGINE:
-            from ..engines import ENGINE_COMPONENTS, EngineSession, engine_key, this_device
-
-            if component.removesuffix("_fp32") in ENGINE_COMPONENTS:
-                key = engine_key(self.manifest, component, this_device(), self.engine_batches)
-                return EngineSession(self.engine_cache, key)
-            return Session(path, "cuda" if "cuda" in available() else "cpu", self.threads)  # decoders: one GEMM
-        options = None
-        if self.provider == "tensorrt" and self.manifest.extra.get("fused_attention") and component == "unet":
-            log.warning("%s was exported for onnxruntime (fused attention): TensorRT takes the graph in pieces "
-                        "around the MultiHeadAttention nodes; export with --target tensorrt for whole engines",
-                        self.path)
-        if self.provider == "tensorrt":
-            options = tensorrt_options(self.manifest, component, self.engine_cache / "onnxruntime-trt")
-        elif self.provider == "cuda":
-            options = cuda_options(self.low_memory)
-        return Session(path, self.provider, self.threads, options)
-
-    def _release(self, component: str) -> None:
+    def release(self, component: str) -> None:
+        """Low memory: close `component`'s graph after its stage. Otherwise graphs stay open for the next image."""
         if self.low_memory:
             self._sessions.pop(component, None)
 
@@ -106,18 +92,19 @@ class Reconstructor:
         subject = self.subject(subject)
         x = validate_voxels(np.asarray(voxels), name, self.subjects[subject])
         comp = self.manifest.subjects[subject]
-        sess = self._session(comp)
+        sess = self.session(comp)
         feeds = {"voxels": x.astype(sess.input_dtype("voxels"))}
         out = sess.run(feeds)
         if self.observer:
             self.observer(comp, feeds, out)
         tokens = out["ip_tokens"].astype(np.float32)
-        self._release(comp)
+        self.release(comp)
         return tokens
 
     # -- generation ---------------------------------------------------------------------------------
     def initial_latents(self, n: int, seed: int) -> np.ndarray:
         """Unit-variance noise (n, 4, h, w); image i from numpy's PCG64 seeded with seed + i."""
+        check_seed(seed, n)
         h, w = self.manifest.latent_size
         c = self.manifest.latent_channels
         return np.stack([np.random.default_rng(seed + i).standard_normal((c, h, w), dtype=np.float32)
@@ -134,6 +121,8 @@ class Reconstructor:
             raise InputError(f"tokens must have shape (N, {self.uncond_tokens.shape[1]}, "
                              f"{self.uncond_tokens.shape[2]}), got {tokens.shape}")
         n = len(tokens)
+        if not np.isfinite(guidance) or not np.isfinite(ip_scale):
+            raise InputError("guidance and ip scale must be finite numbers")
         if latents is None:
             latents = self.initial_latents(n, seed)
         else:
@@ -141,13 +130,11 @@ class Reconstructor:
             want = (n, self.manifest.latent_channels, *self.manifest.latent_size)
             if latents.shape != want:
                 raise InputError(f"latents must have shape {want}, got {latents.shape}")
-        if not np.isfinite(guidance) or not np.isfinite(ip_scale):
-            raise InputError("guidance and ip scale must be finite numbers")
         out = np.empty_like(latents)
         for i in range(n):
             out[i] = self._denoise_one(tokens[i:i + 1], latents[i:i + 1], steps, guidance, ip_scale, scheduler,
                                        callback)
-        self._release("unet")
+        self.release("unet")
         return out
 
     def _denoise_one(self, tokens, latent, steps, guidance, ip_scale, scheduler, callback) -> np.ndarray:
@@ -155,7 +142,7 @@ class Reconstructor:
             sched = make_scheduler(scheduler, self.manifest.scheduler_config, steps)
         except ValueError as e:
             raise InputError(str(e)) from None
-        unet = self._session("unet")
+        unet = self.session("unet")
         dtype = unet.input_dtype("sample")
         cfg = guidance > 1.0                              # diffusers: guidance <= 1 means no CFG, batch 1
         if cfg:   # batch order as diffusers: [negative prompt + unconditional tokens, prompt + decoded tokens]
@@ -197,12 +184,12 @@ class Reconstructor:
                 log.warning("fp16 VAE overflowed on image %d; decoding it again in fp32", i)
                 img = self._vae(z, FP32_VAE)
             images.append(to_uint8(img)[0])
-        self._release("vae_decoder")
-        self._release(FP32_VAE)
+        self.release("vae_decoder")
+        self.release(FP32_VAE)
         return np.stack(images)
 
     def _vae(self, z: np.ndarray, component: str) -> np.ndarray:
-        vae = self._session(component)
+        vae = self.session(component)
         feeds = {"latent": z.astype(vae.input_dtype("latent"))}
         out = vae.run(feeds)
         if self.observer:
@@ -219,6 +206,15 @@ class Reconstructor:
 
     def __call__(self, voxels: np.ndarray, subject: str | None = None, **kw) -> np.ndarray:
         return self.generate(self.decode(voxels, subject), **kw)
+
+
+def check_seed(seed: int, n: int = 1) -> int:
+    """Seeds seed .. seed + n - 1 are used: each must be a whole number in [0, 2**63)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be a whole number, got {seed!r}")
+    if not 0 <= int(seed) <= SEED_LIMIT - max(int(n), 1):
+        raise InputError(f"seed {seed} out of range: with {n} image(s) it must be in [0, {SEED_LIMIT - max(n, 1)}]")
+    return int(seed)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -1,159 +1,121 @@
-"""The one seam to execution backends: every onnxruntime call lives here.
+"""The one seam to execution backends: a small protocol, and the factory that opens a bundle graph on a provider.
 
-The pipeline sees `Session(path, provider).run(feeds) -> {name: array}` and nothing else.
+    sess = open_session(bundle, "unet", "cuda")          # a Backend
+    out = sess.run({"sample": x, ...})                     # {output name: float array}
+    with sess.bound({"encoder_hidden_states": e, ...}):    # constants uploaded once; run() takes the rest
+        ...
+
+Providers (nsdedge names): cpu, cuda and tensorrt run through onnxruntime (ort_session.py); engine runs native
+TensorRT engines built by `nsdedge build-engines` (trt_engine.py). A new backend is one module with a class
+that has the Backend methods, a name in PROVIDER_NAMES and a branch in `resolve` and `open_session`; nothing in
+the pipeline changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from pathlib import Path
+from typing import ContextManager, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..bundle import ENGINES, Manifest, read_manifest
 from ..errors import ProviderError
+from .ort_session import ORT_PROVIDERS, OrtSession, cuda_options, onnxruntime, tensorrt_options
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-             "tensorrt": "TensorrtExecutionProvider"}
+ENGINE = "engine"              # native TensorRT engines from `nsdedge build-engines`
+PROVIDER_NAMES = ("auto", *ORT_PROVIDERS, ENGINE)
 AUTO_ORDER = ("cuda", "cpu")   # tensorrt only when asked: it builds engines on first use (minutes)
-ENGINE = "engine"              # native TensorRT engines from `nsdedge build-engines` (nsdedge.engines)
+
+__all__ = ["Backend", "ENGINE", "PROVIDER_NAMES", "available", "resolve", "open_session", "open_graph",
+           "cuda_options", "tensorrt_options", "Session"]
 
 
-def _ort():
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ProviderError("onnxruntime is not installed: pip install 'nsdedge[cpu]' (or [gpu] for CUDA)") from None
-    return ort
+@runtime_checkable
+class Backend(Protocol):
+    """What the pipeline needs of a graph on some engine."""
+
+    provider: str                                   # the nsdedge provider name that runs it
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Inputs by name -> outputs by name (host arrays)."""
+
+    def bound(self, constants: dict[str, np.ndarray]) -> ContextManager:
+        """Within the block `constants` stay on the device and run() takes only the other inputs."""
+
+    def input_dtype(self, name: str) -> np.dtype:
+        """The dtype to feed input `name` in (float16 graphs take float16)."""
 
 
 def available() -> list[str]:
-    """nsdedge provider names onnxruntime offers here."""
-    offered = set(_ort().get_available_providers())
-    return [name for name, ep in PROVIDERS.items() if ep in offered]
+    """nsdedge provider names onnxruntime offers here (compiled in; whether they start is another matter)."""
+    offered = set(onnxruntime().get_available_providers())
+    return [name for name, ep in ORT_PROVIDERS.items() if ep in offered]
 
 
 def resolve(provider: str) -> str:
     """'auto' -> the best available; a named provider that is missing is an error, never a silent fallback."""
     if provider == ENGINE:
-        from ..engines import _cudart, _tensorrt
+        from .trt_engine import require_cudart, require_tensorrt
 
-        _tensorrt(), _cudart()                  # ProviderError with the install line when either is missing
+        require_tensorrt(), require_cudart()     # ProviderError with the install line when either is missing
         return ENGINE
     if provider == "auto":
         have = available()
         return next(p for p in AUTO_ORDER if p in have or p == "cpu")
-    if provider not in PROVIDERS:
-        raise ProviderError(f"unknown provider {provider!r} (choose from auto, {', '.join(PROVIDERS)}, {ENGINE})")
+    if provider not in ORT_PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDER_NAMES)})")
     if provider not in available():
-        ort = _ort()
+        ort = onnxruntime()
         raise ProviderError(f"provider {provider!r} is not available in this onnxruntime {ort.__version__} "
                             f"(it offers {', '.join(ort.get_available_providers())}); install nsdedge[gpu] for "
                             f"cuda and tensorrt, or use --provider cpu")
     return provider
 
 
-def _shape_list(profile_entries, which: int) -> str:
-    return ",".join(f"{name}:{'x'.join(map(str, shapes[which]))}" for name, *shapes in profile_entries)
+def open_graph(path: str | Path | bytes, provider: str = "cpu", *, threads: int | None = None,
+               options: dict | None = None, profile: str | None = None) -> OrtSession:
+    """One ONNX file outside a bundle's manifest (export's parity check, quantization's fidelity pass) on an
+    onnxruntime provider, with the same session settings as the runtime."""
+    return OrtSession(path if isinstance(path, bytes) else Path(path), resolve(provider), threads=threads,
+                      provider_options=options, profile=profile)
 
 
-def tensorrt_options(manifest, component: str, cache: Path, batches=(1, 2),
-                     workspace: int | None = None) -> dict:
-    """onnxruntime TensorRT provider options for one bundle graph: engine and timing caches under `cache` (the
-    provider keys its engines by graph, GPU and TensorRT version itself), fp16 / int8 (explicit Q/DQ) as the
-    bundle's precision says, and explicit static profiles at the bundle's resolution for batch 1 and 2, so the
-    provider builds once instead of on every new shape."""
-    from ..engines import WORKSPACE_BYTES, builder_flags, profile_shapes
+def open_session(bundle: str | Path, component: str, provider: str = "auto", *, manifest: Manifest | None = None,
+                 file: str | None = None, low_memory: bool = False, threads: int | None = None,
+                 engine_cache: str | Path | None = None, engine_batches: tuple[int, ...] = (1, 2),
+                 profile: str | None = None) -> Backend:
+    """`component` of the bundle at `bundle` on `provider` (auto | cpu | cuda | tensorrt | engine).
 
-    precision = manifest.components[component].precision
-    flags = builder_flags(precision)
-    prof = profile_shapes(manifest, component, batches, dynamic=False)
-    entries = [e for p in prof for e in p]            # one entry per input per profile, in profile order
-    return {
-        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
-        "trt_fp16_enable": "fp16" in flags, "trt_int8_enable": "int8" in flags,
-        "trt_int8_use_native_calibration_table": False,      # scales come from the graph's Q/DQ nodes
-        "trt_max_workspace_size": int(workspace or WORKSPACE_BYTES),
-        "trt_profile_min_shapes": _shape_list(entries, 0), "trt_profile_opt_shapes": _shape_list(entries, 1),
-        "trt_profile_max_shapes": _shape_list(entries, 2),
-    }
+    `manifest`: the bundle's, if already read (else read without hashing). `file`: another graph file in the
+    bundle's folder standing in for the component's own (quantization compares a converted graph with it).
+    `low_memory`: provider settings for small devices (the CUDA arena grows only as asked).
+    `engine_cache` / `engine_batches`: where native engines live and which profiles they were built for.
+    `profile`: a file prefix for onnxruntime's profiler (benchmarks/profile_unet.py)."""
+    bundle = Path(bundle)
+    manifest = manifest or read_manifest(bundle, verify=False)
+    provider = resolve(provider)
+    path = bundle / (file or manifest.components[component].file)
+    if provider == ENGINE:
+        from .trt_engine import ENGINE_COMPONENTS, EngineSession, engine_key, this_device
+
+        if component.removesuffix("_fp32") in ENGINE_COMPONENTS:
+            key = engine_key(manifest, component, this_device(), engine_batches)
+            return EngineSession(Path(engine_cache) if engine_cache else bundle / ENGINES, key)
+        provider = "cuda" if "cuda" in available() else "cpu"      # decoders are one GEMM: onnxruntime runs them
+    options = None
+    if provider == "tensorrt":
+        if manifest.extra.get("fused_attention") and component == "unet":
+            log.warning("%s was exported for onnxruntime (fused attention): TensorRT takes the graph in pieces "
+                        "around the MultiHeadAttention nodes; export with --target tensorrt for whole engines", bundle)
+        cache = (Path(engine_cache) if engine_cache else bundle / ENGINES) / "onnxruntime-trt"
+        options = tensorrt_options(manifest, component, cache)
+    elif provider == "cuda":
+        options = cuda_options(low_memory)
+    return OrtSession(path, provider, threads=threads, provider_options=options, profile=profile)
 
 
-def cuda_options(low_memory: bool = False, gpu_mem_limit: int | None = None) -> dict:
-    """onnxruntime CUDA provider options; low memory (edge boards) grows the arena only as asked and caps it."""
-    opts: dict = {"cudnn_conv_algo_search": "HEURISTIC" if low_memory else "EXHAUSTIVE"}
-    if low_memory:
-        opts["arena_extend_strategy"] = "kSameAsRequested"
-    if gpu_mem_limit:
-        opts["gpu_mem_limit"] = int(gpu_mem_limit)
-    return opts
-
-
-class Session:
-    """One ONNX graph on one provider."""
-
-    def __init__(self, path: Path, provider: str = "cpu", threads: int | None = None,
-                 provider_options: dict | None = None):
-        ort = _ort()
-        self.provider = resolve(provider)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.provider == "cpu":
-            # Measured on the full SD 1.5 UNet, 512^2, batch 2, 2 cores (onnxruntime 1.31): with the CPU arena
-            # a step took 9.1 s and peak RSS was 9.7 GB; without it 5.2 s and 6.6 GB. Prepacking the weights
-            # costs 0.9 GB of resident memory after load and bought no measurable speed.
-            opts.enable_cpu_mem_arena = False
-            opts.add_session_config_entry("session.disable_prepacking", "1")
-        if threads:
-            opts.intra_op_num_threads = threads
-        elif self.provider == "cpu":
-            opts.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
-        eps = [(PROVIDERS[self.provider], provider_options or {})]
-        if self.provider != "cpu":
-            eps.append(("CPUExecutionProvider", {}))
-        self.sess = ort.InferenceSession(str(path), opts, providers=eps)
-        used = self.sess.get_providers()
-        if PROVIDERS[self.provider] not in used:
-            raise ProviderError(f"{Path(path).name}: onnxruntime could not start {PROVIDERS[self.provider]} "
-                                f"(runs on {', '.join(used)}); check the CUDA / TensorRT libraries")
-        self.inputs = {i.name: i for i in self.sess.get_inputs()}
-        self.outputs = [o.name for o in self.sess.get_outputs()]
-        log.debug("%s on %s", Path(path).name, used[0])
-
-        self._bound: dict = {}
-
-    @contextlib.contextmanager
-    def bound(self, constants: dict[str, np.ndarray]):
-        """Within the block, `constants` live on the provider's device (uploaded once, through onnxruntime's I/O
-        binding) and run() takes only the other inputs: across denoising steps the text embeddings and ip
-        tokens stay on the GPU and only the latent travels."""
-        ort = _ort()
-        device = "cpu" if self.provider == "cpu" else "cuda"
-        self._bound = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), device, 0)
-                       for k, v in constants.items()}
-        try:
-            yield self
-        finally:
-            self._bound = {}
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not self._bound:
-            return dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
-        binding = self.sess.io_binding()
-        for k, v in feeds.items():
-            binding.bind_cpu_input(k, np.ascontiguousarray(v))
-        for k, v in self._bound.items():
-            binding.bind_ortvalue_input(k, v)
-        for k in self.outputs:
-            binding.bind_output(k, "cpu")
-        self.sess.run_with_iobinding(binding)
-        return dict(zip(self.outputs, binding.copy_outputs_to_cpu()))
-
-    def input_dtype(self, name: str) -> np.dtype:
-        t = self.inputs[name].type
-        return np.dtype(np.float16) if "float16" in t else np.dtype(np.float32)
+# Earlier releases exposed the onnxruntime class as Session(path, provider, threads, provider_options).
+Session = OrtSession

@@ -1,0 +1,225 @@
+"""Many images from a voxel file: checked first, streamed one trial at a time, written atomically, resumable.
+
+    from nsdedge.runtime.batch import reconstruct
+    result = reconstruct("bundle/", "nsd_test_fmriavg_nsdgeneral_sub1.npy", "recons/", trials="0:100", steps=20)
+
+Row r of the voxel file becomes `recons/{r:04d}.png`, made with seed + r, so any subset of rows, in any order,
+on any number of machines, gives the same bytes as one uninterrupted run. The output directory holds a run
+record, `nsdedge-run.json`: the bundle's manifest hash, the provider, the settings, the voxel file's hash and the
+nsdedge version. A rerun skips the images already there; a rerun that differs in any of those is refused, so
+one directory never mixes images of two models or two settings. Every setting, the voxel file and the output
+location are checked before anything is written (and before the bundle is hashed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..bundle import atomic_writer, check_writable, json_text, sha256_file
+from ..errors import InputError, NsdedgeError
+from ..voxels import load_voxels, validate_voxels
+from .pipeline import Reconstructor, check_seed
+from .schedulers import NAMES as SCHEDULERS
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD = "nsdedge-run.json"
+RECORD_FORMAT = "nsdedge-run"
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What, besides the bundle and the voxels, decides an image's bytes."""
+
+    steps: int = 20
+    guidance: float = 7.5
+    ip_scale: float = 1.0
+    scheduler: str = "ddim"
+    seed: int = 0
+
+    def checked(self, last_row: int = 0) -> "Settings":
+        """These settings, normalised, or InputError naming the bad one. Row r uses seed + r."""
+        if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) or not 1 <= self.steps <= 1000:
+            raise InputError(f"steps must be a whole number from 1 to 1000, got {self.steps!r}")
+        for name in ("guidance", "ip_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v):
+                raise InputError(f"{name.replace('_', ' ')} must be a finite number, got {v!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"unknown scheduler {self.scheduler!r} (choose from {', '.join(SCHEDULERS)})")
+        check_seed(self.seed, last_row + 1)
+        return Settings(int(self.steps), float(self.guidance), float(self.ip_scale), self.scheduler, int(self.seed))
+
+
+@dataclass
+class Trials:
+    """Rows of a voxel file, read and checked (numeric, finite, rank), not yet matched to a subject."""
+
+    path: Path
+    rows: list[int]                 # row numbers in the file: each image's name and seed offset
+    voxels: np.ndarray              # (len(rows), V) float32
+    sha256: str                     # of the whole file: the run record's identity of the input
+
+
+def parse_trials(text: str | slice | None, what: str = "trials") -> slice | None:
+    """"START:STOP" (either may be empty) -> slice; None -> all rows. `what` names the setting in errors."""
+    if text is None or isinstance(text, slice):
+        sel = text
+    else:
+        m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", str(text))
+        if not m:
+            raise InputError(f"{what} {text!r}: expected START:STOP, e.g. 0:10")
+        sel = slice(int(m.group(1)) if m.group(1) else None, int(m.group(2)) if m.group(2) else None)
+    if sel is None:
+        return None
+    if sel.step not in (None, 1) or (sel.start or 0) < 0 or (sel.stop is not None and sel.stop < 0):
+        raise InputError(f"{what} {text!r}: START and STOP must be row numbers >= 0")
+    if sel.stop is not None and sel.stop <= (sel.start or 0):
+        raise InputError(f"{what} {text!r}: STOP must be greater than START")
+    return slice(sel.start or 0, sel.stop)
+
+
+def read_trials(path: str | Path, trials: str | slice | None = None) -> Trials:
+    """The selected rows of a voxel file (one trial (V,) is row 0). Never unpickles; InputError if unusable.
+    An .npy is memory-mapped: only the selected rows are read and converted."""
+    path = Path(path)
+    sel = parse_trials(trials)
+    x = load_voxels(path, rows=sel)                        # (n, V) float32, checked
+    first = sel.start if sel is not None else 0
+    return Trials(path, list(range(first, first + len(x))), x, sha256_file(path))
+
+
+def check_output(out: str | Path, n: int) -> Path:
+    """`out` can take `n` images: a .png for one, else a directory (existing or creatable). Writes nothing."""
+    out = Path(out)
+    if out.suffix.lower() == ".png":
+        if n != 1:
+            raise InputError(f"{n} trials cannot go to one PNG ({out}); give a directory as --out")
+        if out.is_dir():
+            raise InputError(f"{out} is a directory; name a .png file or drop the .png suffix")
+    elif out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory")
+    check_writable(out / RUN_RECORD if out.is_dir() else out)
+    return out
+
+
+@dataclass
+class Progress:
+    """Where a batch is: reported once before the first image and after every denoising step."""
+
+    done: int                       # images finished in this run
+    todo: int                       # images this run makes
+    skipped: int                    # images already in the output directory, left as they were
+    step: int = 0                   # denoising steps done of the current image
+    steps: int = 0
+
+
+@dataclass
+class BatchResult:
+    out: Path
+    provider: str
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+
+def run_record(rec: Reconstructor, trials: Trials, subject: str, settings: Settings) -> dict:
+    """What makes a directory's images comparable: `key` must match for a rerun; `info` is for people."""
+    return {"format": RECORD_FORMAT, "version": RECORD_VERSION,
+            "key": {"bundle_manifest_sha256": rec.manifest.sha256, "provider": rec.provider, "subject": subject,
+                    **asdict(settings), "voxels_sha256": trials.sha256, "nsdedge": __version__},
+            "info": {"bundle": str(rec.path.resolve()), "voxels": str(trials.path.resolve())}}
+
+
+def _check_record(out: Path, record: dict, targets: list[Path]) -> bool:
+    """True if `out` already holds this run's record; InputError if it holds another run's, or images of none."""
+    path = out / RUN_RECORD
+    if not path.exists():
+        ours = [t.name for t in targets if t.exists()]
+        if ours:
+            raise InputError(f"{out} holds {ours[0]} but no {RUN_RECORD}: not images of an nsdedge run; "
+                             f"choose another --out")
+        return False
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        before = None
+    if not isinstance(before, dict) or not isinstance(before.get("key"), dict):
+        raise InputError(f"{out} holds images of an earlier nsdedge or an unreadable {RUN_RECORD}; "
+                         f"choose another --out")
+    want = json.loads(json_text(record["key"]))
+    diff = [k for k in sorted(set(want) | set(before["key"])) if want.get(k) != before["key"].get(k)]
+    if diff:
+        shown = ", ".join(f"{k} {before['key'].get(k)!r} -> {want.get(k)!r}" for k in diff[:3])
+        raise InputError(f"{out} holds images made with other settings ({RUN_RECORD}: {shown}); "
+                         f"choose another --out or delete it")
+    return True
+
+
+def _png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_writer(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
+
+
+def reconstruct(bundle: str | Path | Reconstructor, voxels: str | Path | Trials, out: str | Path, *,
+                subject: str | None = None, trials: str | slice | None = None, steps: int = 20,
+                guidance: float = 7.5, ip_scale: float = 1.0, scheduler: str = "ddim", seed: int = 0,
+                provider: str = "auto", low_memory: bool = False, verify: bool = True,
+                progress: Callable[[Progress], None] | None = None) -> BatchResult:
+    """Reconstruct the selected rows of `voxels` into `out` (a directory, or a .png for one trial).
+
+    `bundle`: a bundle directory (opened with `provider`, `low_memory`, `verify`) or an open Reconstructor.
+    `voxels`: a voxel file, or Trials from read_trials (then `trials` is ignored). Images already in `out` are
+    kept; everything is checked before the bundle is hashed and before anything is written."""
+    tr = voxels if isinstance(voxels, Trials) else read_trials(voxels, trials)
+    settings = Settings(steps, guidance, ip_scale, scheduler, seed).checked(tr.rows[-1])
+    out = check_output(out, len(tr.rows))
+    rec = bundle if isinstance(bundle, Reconstructor) else Reconstructor(
+        bundle, provider=provider, low_memory=low_memory, verify=verify)
+    subject = rec.subject(subject)
+    x = validate_voxels(tr.voxels, str(tr.path), rec.subjects[subject])
+    single = out.suffix.lower() == ".png"
+    targets = [out] if single else [out / f"{r:04d}.png" for r in tr.rows]
+    record = run_record(rec, tr, subject, settings)
+    result = BatchResult(out, rec.provider)
+    resumed = not single and out.is_dir() and _check_record(out, record, targets)
+    todo = [i for i, t in enumerate(targets) if single or not t.exists()]
+    result.skipped = [] if single else [t for t in targets if t.exists()]
+    if result.skipped:
+        log.info("%d of %d images already in %s; skipping them", len(result.skipped), len(targets), out)
+    state = Progress(0, len(todo), len(result.skipped), 0, settings.steps)
+    if progress:
+        progress(state)
+
+    def step(done: int, total: int) -> None:
+        state.step = done
+        if progress:
+            progress(state)
+
+    try:
+        (out.parent if single else out).mkdir(parents=True, exist_ok=True)
+        if not single and not resumed:
+            with atomic_writer(out / RUN_RECORD) as f:
+                f.write(json_text(record).encode())
+        for i in todo:
+            state.step = 0
+            tokens = rec.decode(x[i:i + 1], subject, name=str(tr.path))
+            image = rec.generate(tokens, steps=settings.steps, guidance=settings.guidance, ip_scale=settings.ip_scale,
+                                 scheduler=settings.scheduler, seed=settings.seed + tr.rows[i], callback=step)
+            _png(targets[i], image[0])
+            result.written.append(targets[i])
+            state.done += 1
+    except OSError as e:
+        raise NsdedgeError(f"{e.filename or out}: cannot write ({e.strerror})") from None
+    return result
