@@ -265,10 +265,11 @@ def _png_bytes(image) -> bytes:
 @click.option("--voxels", type=click.Path(path_type=Path), required=True, help="(V,) or (N, V) .npy / .npz.")
 @click.option("--bundle", type=click.Path(path_type=Path), help="Bundle directory (default: the tiny preset).")
 @click.option("--subject", help="Subject whose decoder to use (needed when the bundle has several).")
-@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance; 1 = off.")
-@click.option("--ip-scale", type=float, default=1.0, show_default=True)
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="ddim", show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps [default: the bundle's, else 20].")
+@click.option("--guidance", type=float, help="Classifier-free guidance; 1 = off [default: the bundle's, else 7.5].")
+@click.option("--ip-scale", type=float, help="Weight of the ip tokens [default: the bundle's, else 1.0].")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), help="[default: the bundle's, else ddim]")
+@click.option("--vae", type=click.Choice(["full", "tiny"]), help="Decoder: full, or tiny (TAESD) [default: the bundle's].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Trial i uses seed + i.")
 @click.option("--provider", type=click.Choice(PROVIDER_NAMES), default="auto", show_default=True)
 @click.option("--low-memory", is_flag=True, help="Load one graph at a time.")
@@ -277,15 +278,20 @@ def _png_bytes(image) -> bytes:
               help="Only these rows of the voxel file (e.g. 0:10); images keep their row numbers.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reconstructions"), show_default=True,
               help="A .png (one trial) or a directory (0000.png, ...).")
-def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, provider, low_memory, no_verify, trials,
-        out):
+def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, vae, seed, provider, low_memory, no_verify,
+        trials, out):
     """Reconstruct images from a voxel file."""
-    from .runtime.batch import Settings, check_output, parse_trials, read_trials, reconstruct
+    from .runtime import Reconstructor
+    from .runtime.batch import Settings, check_job, parse_trials, read_trials, reconstruct
 
     # everything is checked before the bundle is hashed (or the default one built) and before anything is written
     tr = read_trials(voxels, parse_trials(trials, "--trials"))
-    Settings(steps, guidance, ip_scale, scheduler, seed).checked(tr.rows[-1])
-    check_output(out, len(tr.rows))
+    given = {"steps": steps, "guidance": guidance, "ip_scale": ip_scale, "scheduler": scheduler, "vae": vae}
+    check_job(tr, out, Settings(seed=seed, **given))
+    rec = Reconstructor(bundle or default_bundle(), provider=provider, low_memory=low_memory, verify=not no_verify)
+    run_defaults = {k: v for k, v in rec.manifest.extra.get("run_defaults", {}).items() if given.get(k) is None}
+    if run_defaults:
+        click.echo("the bundle's run settings: " + ", ".join(f"{k} {v}" for k, v in run_defaults.items()), err=True)
     with contextlib.ExitStack() as stack:
         bar, at = None, 0
 
@@ -299,9 +305,7 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, seed, pro
             bar.update(p.done * p.steps + p.step - at)
             at = p.done * p.steps + p.step
 
-        result = reconstruct(bundle or default_bundle(), tr, out, subject=subject, steps=steps, guidance=guidance,
-                             ip_scale=ip_scale, scheduler=scheduler, seed=seed, provider=provider,
-                             low_memory=low_memory, verify=not no_verify, progress=progress)
+        result = reconstruct(rec, tr, out, subject=subject, seed=seed, progress=progress, **given)
     click.echo(f"wrote {len(result.written)} image(s) to {out} (provider {result.provider})")
 
 

@@ -31,7 +31,7 @@ def test_rows_keep_their_names_and_seeds(tiny_bundle, voxels, tmp_path):
     result = reconstruct(tiny_bundle, voxels, out, trials="1:3", steps=2, seed=5, provider="cpu",
                          progress=lambda p: seen.append((p.done, p.todo, p.skipped, p.step)))
     assert [p.name for p in result.written] == ["0001.png", "0002.png"] and result.provider == "cpu"
-    assert seen[0] == (0, 2, 0, 0) and seen[-1] == (1, 2, 0, 2)          # before the first image; last step
+    assert seen[0] == (0, 2, 0, 0) and (1, 2, 0, 2) in seen and seen[-1] == (2, 2, 0, 0)   # start, a step, the end
     rec = Reconstructor(tiny_bundle, "cpu")
     x = np.load(voxels).astype(np.float32)
     for row in (1, 2):                     # row r: seed + r, exactly as the pipeline makes it
@@ -114,3 +114,33 @@ def test_settings_and_trials_are_checked(voxels, tmp_path):
             read_trials(voxels, bad)
     with pytest.raises(InputError, match="select nothing"):
         read_trials(voxels, "4:9")
+
+
+def test_a_failed_start_leaves_nothing_and_mismatches_are_found_first(tiny_bundle, voxels, tmp_path):
+    from nsdedge.errors import ProviderError
+
+    out = tmp_path / "out"
+    rec = Reconstructor(tiny_bundle, "cpu")
+
+    def cannot_start(component):
+        raise ProviderError(f"{component}: could not start")
+    rec.session = cannot_start                    # as a GPU provider that fails to start would
+    with pytest.raises(ProviderError):
+        reconstruct(rec, voxels, out, steps=2)
+    assert not out.exists()                       # no record: the retry with other settings is not refused
+    reconstruct(tiny_bundle, voxels, out, trials="0:1", steps=3, provider="cpu")
+    # a rerun with other settings is refused before the bundle is even opened
+    with pytest.raises(InputError, match="steps 3 -> 2"):
+        reconstruct(tmp_path / "no-such-bundle", voxels, out, trials="1:2", steps=2)
+
+
+def test_recorder_refuses_calls_of_different_shapes(tmp_path):
+    from nsdedge.calibration import Recorder
+    from nsdedge.errors import NsdedgeError
+
+    r = Recorder()
+    r("decoder-s", {"voxels": np.zeros((2, 4), np.float32)}, {})
+    r("decoder-s", {"voxels": np.zeros((1, 4), np.float32)}, {})
+    with pytest.raises(NsdedgeError, match="differ in shape"):
+        r.save(tmp_path / "c.npz")
+    assert not (tmp_path / "c.npz").exists()

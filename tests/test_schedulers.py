@@ -47,3 +47,54 @@ def test_bad_arguments():
         make_scheduler("pndm", SD15_SCHEDULER_CONFIG, 10)
     with pytest.raises(ValueError, match="steps"):
         make_scheduler("ddim", SD15_SCHEDULER_CONFIG, 0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_lcm_matches_diffusers(steps, monkeypatch):
+    """LCMScheduler with the noise it draws replaced by ours: the same timesteps and samples, step for step."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    import diffusers.schedulers.scheduling_lcm as lcm_module
+
+    ref = diffusers.LCMScheduler.from_config({"_class_name": "PNDMScheduler", **SD15_SCHEDULER_CONFIG})
+    ref.set_timesteps(steps)
+    ours = make_scheduler("lcm", SD15_SCHEDULER_CONFIG, steps)
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+    if steps == 4:
+        assert ours.timesteps.tolist() == [999, 759, 499, 259]
+    assert ours.init_noise_sigma == float(ref.init_noise_sigma) == 1.0 and ours.stochastic
+    rng = np.random.default_rng(1)
+    noises = [rng.standard_normal((2, 4, 8, 8), dtype=np.float32) for _ in range(steps)]
+    drawn = []
+
+    def noise(shape, generator=None, device=None, dtype=None):
+        drawn.append(len(drawn))
+        return torch.from_numpy(noises[len(drawn) - 1])
+    monkeypatch.setattr(lcm_module, "randn_tensor", noise)
+    x0 = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    xr, xo = torch.from_numpy(x0.copy()), x0.copy()
+    for i, t in enumerate(ref.timesteps):
+        e = _model(xo, ours.timesteps[i])
+        xr = ref.step(torch.from_numpy(_model(xr.numpy(), t)), t, xr).prev_sample
+        xo = ours.step(e, i, xo, noises[i] if i < steps - 1 else None)
+        err = np.linalg.norm(xr.numpy() - xo) / np.linalg.norm(xr.numpy())
+        assert err < 1e-5, (steps, i, err)
+    assert len(drawn) == steps - 1                        # no noise after the last step
+
+
+def test_ddim_trailing_matches_diffusers():
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDIMScheduler.from_config({**SD15_SCHEDULER_CONFIG, "timestep_spacing": "trailing"})
+    for steps in (1, 2, 4, 8):
+        ref.set_timesteps(steps)
+        ours = make_scheduler("ddim-trailing", SD15_SCHEDULER_CONFIG, steps)
+        np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+        x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+        xr = torch.from_numpy(x.copy())
+        for i, t in enumerate(ref.timesteps):
+            xr = ref.step(torch.from_numpy(_model(xr.numpy(), t)), t, xr).prev_sample
+            x = ours.step(_model(x, ours.timesteps[i]), i, x)
+        assert np.linalg.norm(xr.numpy() - x) / np.linalg.norm(xr.numpy()) < 1e-5
+    with pytest.raises(ValueError, match="at most 50"):
+        make_scheduler("lcm", SD15_SCHEDULER_CONFIG, 51)

@@ -55,6 +55,11 @@ class Recorder:
                 out[comp][name + CALLS] = self._rows[key]
         return dict(out)
 
+    @property
+    def data(self) -> dict[str, list[np.ndarray]]:
+        """"<component>/<input>" -> what each call was fed, in order (shared rows are the same array)."""
+        return {key: [values[r] for r in self._rows[key]] for key, values in self._values.items()}
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Flat "<component>/<input>" -> stacked array (a copy; `save` writes without one)."""
         return {f"{c}/{n}": np.asarray(v, np.int64) if n.endswith(CALLS) else np.stack(v)
@@ -62,8 +67,15 @@ class Recorder:
 
     def save(self, path: str | Path) -> None:
         """Write the .npz atomically, one input at a time, without stacking a copy of anything in memory."""
+        from ..errors import NsdedgeError
+
+        parts = self.by_component()
+        for comp, d in parts.items():
+            for name, v in d.items():
+                if not name.endswith(CALLS) and len({(row.shape, row.dtype) for row in v}) > 1:
+                    raise NsdedgeError(f"calibration: calls of {comp}/{name} differ in shape; record one batch size")
         with atomic_writer(Path(path)) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as z:
-            for comp, d in self.by_component().items():
+            for comp, d in parts.items():
                 for name, v in d.items():
                     with z.open(f"{comp}/{name}.npy", "w", force_zip64=True) as entry:
                         if name.endswith(CALLS):

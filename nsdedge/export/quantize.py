@@ -114,8 +114,9 @@ def _without_value_info(src: Path):
             for out in n.output:
                 model.graph.value_info.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
     # onnxruntime's pre-processing (symbolic shape inference + optimisation) is what this function does in its
-    # place; the marker it leaves stops the quantizers from advising it on every call (through the root logger,
-    # which then gets a handler of its own: a side effect on the caller's process)
+    # place; its marker stops the quantizers advising it at every call. (Their other messages go through
+    # logging's module-level functions, which give a root logger without handlers one of its own: onnxruntime's
+    # doing, left alone; nsdedge changes no logger's level or handlers.)
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                         "onnx.quant.pre_process": "onnxruntime.quant"})
     plain = src.with_name(src.stem + ".noshapes.onnx")

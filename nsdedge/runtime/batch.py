@@ -17,7 +17,8 @@ import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +28,7 @@ from .. import __version__
 from ..bundle import atomic_writer, check_writable, json_text, sha256_file
 from ..errors import InputError, NsdedgeError
 from ..voxels import load_voxels, validate_voxels
-from .pipeline import Reconstructor, check_seed
+from .pipeline import VAES, Reconstructor, check_seed
 from .schedulers import NAMES as SCHEDULERS
 
 log = logging.getLogger(__name__)
@@ -39,26 +40,39 @@ RECORD_VERSION = 1
 
 @dataclass(frozen=True)
 class Settings:
-    """What, besides the bundle and the voxels, decides an image's bytes."""
+    """What, besides the bundle and the voxels, decides an image's bytes. None: the bundle's run default."""
 
-    steps: int = 20
-    guidance: float = 7.5
-    ip_scale: float = 1.0
-    scheduler: str = "ddim"
+    steps: int | None = None
+    guidance: float | None = None
+    ip_scale: float | None = None
+    scheduler: str | None = None
     seed: int = 0
+    vae: str | None = None
 
     def checked(self, last_row: int = 0) -> "Settings":
         """These settings, normalised, or InputError naming the bad one. Row r uses seed + r."""
-        if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) or not 1 <= self.steps <= 1000:
-            raise InputError(f"steps must be a whole number from 1 to 1000, got {self.steps!r}")
+        steps, guidance, ip_scale = self.steps, self.guidance, self.ip_scale
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= 1000:
+                raise InputError(f"steps must be a whole number from 1 to 1000, got {steps!r}")
+            steps = int(steps)
         for name in ("guidance", "ip_scale"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.number))
+                                  or not math.isfinite(v)):
                 raise InputError(f"{name.replace('_', ' ')} must be a finite number, got {v!r}")
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise InputError(f"unknown scheduler {self.scheduler!r} (choose from {', '.join(SCHEDULERS)})")
+        if self.vae is not None and self.vae not in VAES:
+            raise InputError(f"unknown vae {self.vae!r} (choose from {', '.join(VAES)})")
         check_seed(self.seed, last_row + 1)
-        return Settings(int(self.steps), float(self.guidance), float(self.ip_scale), self.scheduler, int(self.seed))
+        return Settings(steps, None if guidance is None else float(guidance),
+                        None if ip_scale is None else float(ip_scale), self.scheduler, int(self.seed), self.vae)
+
+    def resolved(self, rec: Reconstructor) -> "Settings":
+        """Every setting given: the ones left out from the bundle's run defaults."""
+        d = rec.settings(**{k: v for k, v in asdict(self).items() if k != "seed"})
+        return replace(self, **{k: d[k] for k in ("steps", "guidance", "ip_scale", "scheduler", "vae")})
 
 
 @dataclass
@@ -68,7 +82,11 @@ class Trials:
     path: Path
     rows: list[int]                 # row numbers in the file: each image's name and seed offset
     voxels: np.ndarray              # (len(rows), V) float32
-    sha256: str                     # of the whole file: the run record's identity of the input
+
+    @cached_property
+    def sha256(self) -> str:
+        """Of the whole file: the run record's identity of the input (read only when a record is kept)."""
+        return sha256_file(self.path)
 
 
 def parse_trials(text: str | slice | None, what: str = "trials") -> slice | None:
@@ -96,7 +114,7 @@ def read_trials(path: str | Path, trials: str | slice | None = None) -> Trials:
     sel = parse_trials(trials)
     x = load_voxels(path, rows=sel)                        # (n, V) float32, checked
     first = sel.start if sel is not None else 0
-    return Trials(path, list(range(first, first + len(x))), x, sha256_file(path))
+    return Trials(path, list(range(first, first + len(x))), x)
 
 
 def check_output(out: str | Path, n: int) -> Path:
@@ -140,9 +158,11 @@ def run_record(rec: Reconstructor, trials: Trials, subject: str, settings: Setti
             "info": {"bundle": str(rec.path.resolve()), "voxels": str(trials.path.resolve())}}
 
 
-def _check_record(out: Path, record: dict, targets: list[Path]) -> bool:
-    """True if `out` already holds this run's record; InputError if it holds another run's, or images of none."""
-    path = out / RUN_RECORD
+def check_record(out: Path, key: dict, targets: list[Path]) -> bool:
+    """True if `out` holds a run record agreeing with `key` on every field `key` has (before the bundle is open,
+    a partial key: the voxels, the settings given, the version); InputError if it holds another run's record, or
+    images and no record; False if there is no run yet."""
+    path = Path(out) / RUN_RECORD
     if not path.exists():
         ours = [t.name for t in targets if t.exists()]
         if ours:
@@ -153,16 +173,29 @@ def _check_record(out: Path, record: dict, targets: list[Path]) -> bool:
         before = json.loads(path.read_text())
     except (OSError, ValueError):
         before = None
-    if not isinstance(before, dict) or not isinstance(before.get("key"), dict):
-        raise InputError(f"{out} holds images of an earlier nsdedge or an unreadable {RUN_RECORD}; "
-                         f"choose another --out")
-    want = json.loads(json_text(record["key"]))
-    diff = [k for k in sorted(set(want) | set(before["key"])) if want.get(k) != before["key"].get(k)]
+    if not isinstance(before, dict) or before.get("format") != RECORD_FORMAT or \
+            not isinstance(before.get("key"), dict):
+        raise InputError(f"{out} holds images of an earlier nsdedge (its {RUN_RECORD} names the bundle by path, "
+                         f"not by model) or an unreadable record; choose another --out")
+    want = json.loads(json_text(key))
+    diff = [k for k in sorted(want) if want[k] != before["key"].get(k)]
     if diff:
         shown = ", ".join(f"{k} {before['key'].get(k)!r} -> {want.get(k)!r}" for k in diff[:3])
         raise InputError(f"{out} holds images made with other settings ({RUN_RECORD}: {shown}); "
                          f"choose another --out or delete it")
     return True
+
+
+def check_job(trials: Trials, out: str | Path, settings: Settings) -> Settings:
+    """All that can be checked before the bundle is opened: the settings, the output location, and an existing
+    run record's agreement on the voxels, the settings given and the nsdedge version. Writes nothing."""
+    settings = settings.checked(trials.rows[-1])
+    out = check_output(out, len(trials.rows))
+    if out.suffix.lower() != ".png" and out.is_dir():
+        given = {k: v for k, v in asdict(settings).items() if v is not None}
+        check_record(out, {**given, "voxels_sha256": trials.sha256, "nsdedge": __version__},
+                     [out / f"{r:04d}.png" for r in trials.rows])
+    return settings
 
 
 def _png(path: Path, image: np.ndarray) -> None:
@@ -173,29 +206,35 @@ def _png(path: Path, image: np.ndarray) -> None:
 
 
 def reconstruct(bundle: str | Path | Reconstructor, voxels: str | Path | Trials, out: str | Path, *,
-                subject: str | None = None, trials: str | slice | None = None, steps: int = 20,
-                guidance: float = 7.5, ip_scale: float = 1.0, scheduler: str = "ddim", seed: int = 0,
-                provider: str = "auto", low_memory: bool = False, verify: bool = True,
-                progress: Callable[[Progress], None] | None = None) -> BatchResult:
+                subject: str | None = None, trials: str | slice | None = None, steps: int | None = None,
+                guidance: float | None = None, ip_scale: float | None = None, scheduler: str | None = None,
+                seed: int = 0, vae: str | None = None, provider: str = "auto", low_memory: bool = False,
+                verify: bool = True, progress: Callable[[Progress], None] | None = None) -> BatchResult:
     """Reconstruct the selected rows of `voxels` into `out` (a directory, or a .png for one trial).
 
     `bundle`: a bundle directory (opened with `provider`, `low_memory`, `verify`) or an open Reconstructor.
-    `voxels`: a voxel file, or Trials from read_trials (then `trials` is ignored). Images already in `out` are
-    kept; everything is checked before the bundle is hashed and before anything is written."""
-    tr = voxels if isinstance(voxels, Trials) else read_trials(voxels, trials)
-    settings = Settings(steps, guidance, ip_scale, scheduler, seed).checked(tr.rows[-1])
-    out = check_output(out, len(tr.rows))
+    `voxels`: a voxel file with `trials` (START:STOP, default all), or Trials from read_trials. Settings left
+    out (None) are the bundle's run defaults. Images already in `out` are kept. Everything is checked before the
+    bundle is hashed and before anything is written; the run record is written with the first image."""
+    if isinstance(voxels, Trials):
+        if trials is not None:
+            raise InputError("give trials to read_trials, or a voxel file with trials; not Trials and trials")
+        tr = voxels
+    else:
+        tr = read_trials(voxels, trials)
+    settings = check_job(tr, out, Settings(steps, guidance, ip_scale, scheduler, seed, vae))
+    out = Path(out)
+    single = out.suffix.lower() == ".png"
+    targets = [out] if single else [out / f"{r:04d}.png" for r in tr.rows]
     rec = bundle if isinstance(bundle, Reconstructor) else Reconstructor(
         bundle, provider=provider, low_memory=low_memory, verify=verify)
     subject = rec.subject(subject)
+    settings = settings.resolved(rec)
     x = validate_voxels(tr.voxels, str(tr.path), rec.subjects[subject])
-    single = out.suffix.lower() == ".png"
-    targets = [out] if single else [out / f"{r:04d}.png" for r in tr.rows]
-    record = run_record(rec, tr, subject, settings)
-    result = BatchResult(out, rec.provider)
-    resumed = not single and out.is_dir() and _check_record(out, record, targets)
+    record = None if single else run_record(rec, tr, subject, settings)
+    resumed = not single and out.is_dir() and check_record(out, record["key"], targets)
     todo = [i for i, t in enumerate(targets) if single or not t.exists()]
-    result.skipped = [] if single else [t for t in targets if t.exists()]
+    result = BatchResult(out, rec.provider, skipped=[] if single else [t for t in targets if t.exists()])
     if result.skipped:
         log.info("%d of %d images already in %s; skipping them", len(result.skipped), len(targets), out)
     state = Progress(0, len(todo), len(result.skipped), 0, settings.steps)
@@ -208,18 +247,21 @@ def reconstruct(bundle: str | Path | Reconstructor, voxels: str | Path | Trials,
             progress(state)
 
     try:
-        (out.parent if single else out).mkdir(parents=True, exist_ok=True)
-        if not single and not resumed:
-            with atomic_writer(out / RUN_RECORD) as f:
-                f.write(json_text(record).encode())
         for i in todo:
-            state.step = 0
             tokens = rec.decode(x[i:i + 1], subject, name=str(tr.path))
             image = rec.generate(tokens, steps=settings.steps, guidance=settings.guidance, ip_scale=settings.ip_scale,
-                                 scheduler=settings.scheduler, seed=settings.seed + tr.rows[i], callback=step)
+                                 scheduler=settings.scheduler, seed=settings.seed + tr.rows[i], vae=settings.vae,
+                                 callback=step)
+            targets[i].parent.mkdir(parents=True, exist_ok=True)
+            if record is not None and not resumed:     # with the first image: a failed start leaves nothing
+                with atomic_writer(out / RUN_RECORD) as f:
+                    f.write(json_text(record).encode())
+                resumed = True
             _png(targets[i], image[0])
             result.written.append(targets[i])
-            state.done += 1
+            state.done, state.step = state.done + 1, 0
+            if progress:
+                progress(state)
     except OSError as e:
         raise NsdedgeError(f"{e.filename or out}: cannot write ({e.strerror})") from None
     return result

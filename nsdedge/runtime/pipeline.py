@@ -2,8 +2,12 @@
 
 Shapes: voxels (N, V); tokens (N, 16, 768); latents (N, 4, H/f, W/f) with f the bundle's VAE factor;
 images (N, H, W, 3) uint8. Every image is denoised on its own (batch 2 with guidance, 1 without), so
-memory stays flat over long batches; image n of a call uses seed + n, so a resumed batch gives the
-same bytes as an uninterrupted one.
+memory stays flat over long batches; image n of a call uses seed + n (its initial latent from PCG64 seeded
+with seed + n; a stochastic scheduler's per-step noise from PCG64 seeded with (seed + n, 1)), so a resumed
+batch gives the same bytes as an uninterrupted one.
+
+Settings a call leaves out (None) come from the bundle's run defaults (a few-step bundle: lcm, 4 steps,
+guidance 1, the tiny VAE), else from DEFAULTS.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from .session import Backend, open_session, resolve
 log = logging.getLogger(__name__)
 
 FP32_VAE = "vae_decoder_fp32"     # fp16 bundles carry it for images whose fp16 decode overflows
+VAES = {"full": "vae_decoder", "tiny": "taesd_decoder"}
+DEFAULTS = {"steps": 20, "guidance": 7.5, "ip_scale": 1.0, "scheduler": "ddim", "vae": "full"}
 SEED_LIMIT = 2 ** 63              # image i of a call uses seed + i: every such seed must stay below this
 
 StepCallback = Callable[[int, int], None]       # (step done, steps in all)
@@ -101,6 +107,21 @@ class Reconstructor:
         self.release(comp)
         return tokens
 
+    # -- settings -----------------------------------------------------------------------------------
+    @property
+    def defaults(self) -> dict:
+        """What a call that leaves a setting out gets: the bundle's run defaults over DEFAULTS (and the tiny VAE
+        where the bundle has no full one)."""
+        run = self.manifest.extra.get("run_defaults", {})
+        d = {**DEFAULTS, **run}
+        if "vae" not in run and VAES["full"] not in self.manifest.components:
+            d["vae"] = "tiny"
+        return d
+
+    def settings(self, **given) -> dict:
+        """`given` (None = not given) over the defaults."""
+        return {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
+
     # -- generation ---------------------------------------------------------------------------------
     def initial_latents(self, n: int, seed: int) -> np.ndarray:
         """Unit-variance noise (n, 4, h, w); image i from numpy's PCG64 seeded with seed + i."""
@@ -110,10 +131,12 @@ class Reconstructor:
         return np.stack([np.random.default_rng(seed + i).standard_normal((c, h, w), dtype=np.float32)
                          for i in range(n)])
 
-    def denoise(self, tokens: np.ndarray, *, steps: int = 20, guidance: float = 7.5, ip_scale: float = 1.0,
-                scheduler: str = "ddim", seed: int = 0, latents: np.ndarray | None = None,
-                callback: StepCallback | None = None) -> np.ndarray:
+    def denoise(self, tokens: np.ndarray, *, steps: int | None = None, guidance: float | None = None,
+                ip_scale: float | None = None, scheduler: str | None = None, seed: int = 0,
+                latents: np.ndarray | None = None, callback: StepCallback | None = None) -> np.ndarray:
         """(N, 16, 768) tokens -> (N, 4, h, w) final latents (before the VAE scaling)."""
+        cfg = self.settings(steps=steps, guidance=guidance, ip_scale=ip_scale, scheduler=scheduler)
+        steps, guidance, ip_scale, scheduler = cfg["steps"], cfg["guidance"], cfg["ip_scale"], cfg["scheduler"]
         tokens = np.asarray(tokens, np.float32)
         if tokens.ndim == 2:
             tokens = tokens[None]
@@ -123,6 +146,7 @@ class Reconstructor:
         n = len(tokens)
         if not np.isfinite(guidance) or not np.isfinite(ip_scale):
             raise InputError("guidance and ip scale must be finite numbers")
+        check_seed(seed, n)
         if latents is None:
             latents = self.initial_latents(n, seed)
         else:
@@ -133,11 +157,11 @@ class Reconstructor:
         out = np.empty_like(latents)
         for i in range(n):
             out[i] = self._denoise_one(tokens[i:i + 1], latents[i:i + 1], steps, guidance, ip_scale, scheduler,
-                                       callback)
+                                       seed + i, callback)
         self.release("unet")
         return out
 
-    def _denoise_one(self, tokens, latent, steps, guidance, ip_scale, scheduler, callback) -> np.ndarray:
+    def _denoise_one(self, tokens, latent, steps, guidance, ip_scale, scheduler, seed, callback) -> np.ndarray:
         try:
             sched = make_scheduler(scheduler, self.manifest.scheduler_config, steps)
         except ValueError as e:
@@ -153,6 +177,7 @@ class Reconstructor:
         constants = {"encoder_hidden_states": text.astype(dtype), "ip_tokens": ip.astype(dtype),
                      "ip_scale": np.array([ip_scale], dtype)}
         x = latent * np.float32(sched.init_noise_sigma)                            # (1, 4, h, w)
+        rng = np.random.default_rng((seed, 1)) if sched.stochastic else None     # fresh noise between steps
         with unet.bound(constants):                    # uploaded once; per step only the latent travels
             for i, t in enumerate(sched.timesteps):
                 xin = sched.scale_model_input(x, i)
@@ -165,26 +190,37 @@ class Reconstructor:
                 eps = out["noise_pred"].astype(np.float32)
                 if cfg:
                     eps = eps[:1] + np.float32(guidance) * (eps[1:] - eps[:1])
-                x = sched.step(eps, i, x)
+                if rng is not None and i < len(sched.timesteps) - 1:
+                    x = sched.step(eps, i, x, rng.standard_normal(x.shape, dtype=np.float32))
+                else:
+                    x = sched.step(eps, i, x)
                 if callback:
                     callback(i + 1, len(sched.timesteps))
         return x[0]
 
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        """(N, 4, h, w) final latents -> (N, H, W, 3) uint8, one image at a time."""
+    def decode_latents(self, latents: np.ndarray, vae: str | None = None) -> np.ndarray:
+        """(N, 4, h, w) final latents -> (N, H, W, 3) uint8, one image at a time. `vae`: full | tiny (TAESD)."""
+        vae = self.settings(vae=vae)["vae"]
+        comp = VAES.get(vae)
+        if comp not in self.manifest.components:
+            have = [k for k, c in VAES.items() if c in self.manifest.components]
+            raise InputError(f"vae {vae!r}: the bundle has {' and '.join(have) or 'no'} VAE decoder"
+                             f"{'s' * (len(have) != 1)} (choose from {', '.join(have)})")
+        # TAESD decodes UNet-space latents (its scaling factor is 1); the full VAE divides by 0.18215 first
+        scaling = float(self.manifest.components[comp].extra.get("scaling_factor", self.manifest.vae_scaling_factor))
         latents = np.asarray(latents, np.float32)
         images = []
         for i in range(len(latents)):
-            z = latents[i:i + 1] / np.float32(self.manifest.vae_scaling_factor)
-            img = self._vae(z, "vae_decoder")                                        # (1, 3, H, W), about [-1, 1]
+            z = latents[i:i + 1] / np.float32(scaling)
+            img = self._vae(z, comp)                                                 # (1, 3, H, W), about [-1, 1]
             if not np.isfinite(img).all():
-                if FP32_VAE not in self.manifest.components:
-                    raise NsdedgeError("the VAE decoder produced NaN/Inf (fp16 overflow) and the bundle has no "
-                                       "fp32 VAE to fall back on; use an fp32 bundle")
+                if comp != VAES["full"] or FP32_VAE not in self.manifest.components:
+                    raise NsdedgeError(f"the {vae} VAE decoder produced NaN/Inf (fp16 overflow) and the bundle has "
+                                       f"no fp32 VAE to fall back on; use an fp32 bundle")
                 log.warning("fp16 VAE overflowed on image %d; decoding it again in fp32", i)
                 img = self._vae(z, FP32_VAE)
             images.append(to_uint8(img)[0])
-        self.release("vae_decoder")
+        self.release(comp)
         self.release(FP32_VAE)
         return np.stack(images)
 
@@ -196,13 +232,14 @@ class Reconstructor:
             self.observer(component, feeds, out)
         return out["image"].astype(np.float32)
 
-    def generate(self, tokens: np.ndarray, *, steps: int = 20, guidance: float = 7.5, ip_scale: float = 1.0,
-                 scheduler: str = "ddim", seed: int = 0, latents: np.ndarray | None = None,
+    def generate(self, tokens: np.ndarray, *, steps: int | None = None, guidance: float | None = None,
+                 ip_scale: float | None = None, scheduler: str | None = None, seed: int = 0,
+                 latents: np.ndarray | None = None, vae: str | None = None,
                  callback: StepCallback | None = None) -> np.ndarray:
-        """(N, 16, 768) tokens -> (N, H, W, 3) uint8 images."""
+        """(N, 16, 768) tokens -> (N, H, W, 3) uint8 images. Settings left out: the bundle's run defaults."""
         final = self.denoise(tokens, steps=steps, guidance=guidance, ip_scale=ip_scale, scheduler=scheduler,
                              seed=seed, latents=latents, callback=callback)
-        return self.decode_latents(final)
+        return self.decode_latents(final, vae=vae)
 
     def __call__(self, voxels: np.ndarray, subject: str | None = None, **kw) -> np.ndarray:
         return self.generate(self.decode(voxels, subject), **kw)

@@ -7,7 +7,8 @@ Notation (DDIM, Song et al. 2020; DPM-Solver++, Lu et al. 2022; Karras et al. 20
     eps           the UNet's noise prediction; x0 the predicted clean latent
 
 Each scheduler: `set_timesteps(n)`, `.timesteps` (what the UNet sees), `.init_noise_sigma`,
-`scale_model_input(x, i)`, `step(eps, i, x) -> x_prev`, with `i` the index into `.timesteps`.
+`scale_model_input(x, i)`, `step(eps, i, x) -> x_prev`, with `i` the index into `.timesteps`. A `stochastic`
+one (LCM) takes fresh unit noise before every step but the last: `step(eps, i, x, noise)`.
 Leaf module: numpy only.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-NAMES = ("ddim", "dpm", "euler")
+NAMES = ("ddim", "dpm", "euler", "lcm", "ddim-trailing")
 
 
 def alphas_cumprod(config: dict) -> np.ndarray:
@@ -41,6 +42,7 @@ class _Schedule:
 
     default_spacing = "linspace"
     init_noise_sigma = 1.0
+    stochastic = False
 
     def __init__(self, config: dict):
         self.config = dict(config)
@@ -172,13 +174,60 @@ class DPMSolverPP2M(_Schedule):
         return out.astype(np.float32)
 
 
+class LCM(_Schedule):
+    """diffusers LCMScheduler (Luo et al. 2023), epsilon prediction, no clipping: the consistency function
+    f(x, t) = c_skip(t) x + c_out(t) x0(x, t) with c_skip = s^2 / ((k t)^2 + s^2), c_out = k t / sqrt((k t)^2 + s^2),
+    s = sigma_data 0.5, k = timestep_scaling 10; then back to the next timestep with fresh noise, except after
+    the last step. Timesteps: n of the `original_inference_steps` (50) skipping schedule t = 20 j - 1, evenly by
+    index from 999 down (4 steps: 999, 759, 499, 259); `timestep_spacing` does not apply."""
+
+    stochastic = True
+    sigma_data = 0.5
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.original_steps = int(config.get("original_inference_steps", 50))
+        self.timestep_scaling = float(config.get("timestep_scaling", 10.0))
+        self.final_ac = np.float32(1.0) if config.get("set_alpha_to_one", True) else self.ac[0]
+
+    def set_timesteps(self, n: int) -> None:
+        if n > self.original_steps:
+            raise ValueError(f"lcm takes at most {self.original_steps} steps (its original_inference_steps), got {n}")
+        k = self.n_train // self.original_steps
+        origin = (np.arange(1, self.original_steps + 1) * k - 1)[::-1]                 # 999, 979, ..., 19
+        self.timesteps = origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
+
+    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
+        return x
+
+    def step(self, eps: np.ndarray, i: int, x: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        last = i == len(self.timesteps) - 1
+        t = int(self.timesteps[i])
+        prev_t = t if last else int(self.timesteps[i + 1])
+        a_t = np.float64(self.ac[t])
+        a_prev = np.float64(self.ac[prev_t] if prev_t >= 0 else self.final_ac)
+        kt = t * self.timestep_scaling
+        c_skip = self.sigma_data ** 2 / (kt ** 2 + self.sigma_data ** 2)
+        c_out = kt / (kt ** 2 + self.sigma_data ** 2) ** 0.5
+        x0 = (x - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)                       # predicted x_0
+        denoised = c_out * x0 + c_skip * x
+        if last:
+            return denoised.astype(np.float32)
+        if noise is None:
+            raise ValueError("lcm needs fresh noise for every step but the last")
+        return (np.sqrt(a_prev) * denoised + np.sqrt(1.0 - a_prev) * noise).astype(np.float32)
+
+
 def make_scheduler(name: str, config: dict, steps: int):
-    """A scheduler by its nsdedge name, configured from the bundle's (SD 1.5) scheduler config."""
-    classes = {"ddim": DDIM, "dpm": DPMSolverPP2M, "euler": Euler}
+    """A scheduler by its nsdedge name, configured from the bundle's (SD 1.5) scheduler config.
+    `ddim-trailing` is DDIM with timestep_spacing "trailing" (what Hyper-SD and TCD LoRAs are distilled for)."""
+    classes = {"ddim": DDIM, "dpm": DPMSolverPP2M, "euler": Euler, "lcm": LCM, "ddim-trailing": DDIM}
     if name not in classes:
         raise ValueError(f"unknown scheduler {name!r} (choose from {', '.join(NAMES)})")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if name == "ddim-trailing":
+        config = {**config, "timestep_spacing": "trailing"}
     s = classes[name](config)
     s.set_timesteps(steps)
     return s

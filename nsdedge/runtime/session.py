@@ -102,6 +102,9 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
         from .trt_engine import ENGINE_COMPONENTS, EngineSession, engine_key, this_device
 
         if component.removesuffix("_fp32") in ENGINE_COMPONENTS:
+            if file or profile:
+                raise ProviderError(f"{component}: a native engine is built from the bundle's own graph and has no "
+                                    f"onnxruntime profiler; file= and profile= need an onnxruntime provider")
             key = engine_key(manifest, component, this_device(), engine_batches)
             return EngineSession(Path(engine_cache) if engine_cache else bundle / ENGINES, key)
         provider = "cuda" if "cuda" in available() else "cpu"      # decoders are one GEMM: onnxruntime runs them
@@ -117,5 +120,11 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
     return OrtSession(path, provider, threads=threads, provider_options=options, profile=profile)
 
 
-# Earlier releases exposed the onnxruntime class as Session(path, provider, threads, provider_options).
-Session = OrtSession
+# Names of earlier releases, kept for their callers.
+PROVIDERS = ORT_PROVIDERS
+
+
+def Session(path: str | Path, provider: str = "cpu", threads: int | None = None,   # noqa: N802
+            provider_options: dict | None = None) -> OrtSession:
+    """One ONNX file on a provider ('auto' resolved): open_graph under its earlier name."""
+    return open_graph(path, provider, threads=threads, options=provider_options)
