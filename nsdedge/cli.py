@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import re
 import sys
 import time
@@ -74,8 +75,30 @@ def _parse_decoders(values: tuple[str, ...]) -> dict[str, Path]:
     return out
 
 
+def _parse_run_defaults(text: str | None) -> dict | None:
+    """--run-defaults "scheduler=lcm,steps=4,guidance=1,vae=tiny" -> checked settings."""
+    from .runtime.batch import Settings
+
+    if text is None:
+        return None
+    kinds = {"steps": int, "guidance": float, "ip_scale": float, "scheduler": str, "vae": str}
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in kinds:
+            raise InputError(f"--run-defaults {part!r}: expected KEY=VALUE with KEY one of {', '.join(kinds)}")
+        try:
+            out[key] = kinds[key](value.strip())
+        except ValueError:
+            raise InputError(f"--run-defaults {part!r}: {value.strip()!r} is not a {kinds[key].__name__}") from None
+    Settings(**out).checked()
+    return out
+
+
 @cli.command()
-@click.option("--preset", type=click.Choice(["tiny", "sd15-random"]), help="Random-weight models; no weights needed.")
+@click.option("--preset", type=click.Choice(["tiny", "sd15-random", "tiny-lcm", "sd15-random-lcm"]),
+              help="Random-weight models; no weights needed (-lcm: with a random LCM-LoRA fused and a TAESD).")
 @click.option("--sd", "sd", type=click.Path(path_type=Path),
               help="SD 1.5: a diffusers folder, or a single-file .safetensors / .ckpt checkpoint.")
 @click.option("--sd-config", type=click.Path(path_type=Path),
@@ -101,11 +124,20 @@ def _parse_decoders(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--resolution", type=int, help="Image side in pixels (default: the model's, 512 for SD 1.5).")
 @click.option("--prompt", default=None, help="Text encoded once at export (IP-Adapter's default).")
 @click.option("--negative-prompt", default=None, help="Negative text encoded once at export.")
+@click.option("--lora", type=click.Path(path_type=Path),
+              help="A few-step LoRA (.safetensors: LCM-LoRA, Hyper-SD, TCD) fused into the UNet before export.")
+@click.option("--lora-scale", type=float, default=1.0, show_default=True)
+@click.option("--tiny-vae", type=click.Path(path_type=Path), help="A TAESD folder (diffusers AutoencoderTiny).")
+@click.option("--no-full-vae", is_flag=True, help="Leave the full VAE decoder out (needs --tiny-vae).")
+@click.option("--run-defaults", default=None, metavar="KEY=VALUE,...",
+              help="Settings the bundle runs with unless told otherwise, e.g. scheduler=lcm,steps=4,guidance=1,vae=tiny "
+                   "(--lora implies LCM-LoRA's: lcm, 4 steps, guidance 1, and the tiny VAE if there is one).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a preset's random weights.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision, calibration_voxels, calibration,
-           int8_ops, target, opset, resolution, prompt, negative_prompt, seed, force, out):
+           int8_ops, target, opset, resolution, prompt, negative_prompt, lora, lora_scale, tiny_vae, no_full_vae,
+           run_defaults, seed, force, out):
     """Export decoders, the IP-token UNet and the VAE decoder to a verified ONNX bundle."""
     from .bundle import check_replaceable, check_writable
 
@@ -132,6 +164,15 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
     decoder_files = _parse_decoders(decoders)
     if calibration_voxels is not None and not calibration_voxels.is_file():
         raise InputError(f"{calibration_voxels}: no such calibration voxel file")
+    defaults = _parse_run_defaults(run_defaults)
+    if lora is not None and not (lora.is_file() and lora.suffix == ".safetensors"):
+        raise InputError(f"--lora {lora}: not a .safetensors file")
+    if tiny_vae is not None and not tiny_vae.is_dir():
+        raise InputError(f"--tiny-vae {tiny_vae}: not a directory (an AutoencoderTiny folder, e.g. madebyollin/taesd)")
+    if no_full_vae and tiny_vae is None and not (preset or "").endswith("-lcm"):
+        raise InputError("--no-full-vae needs --tiny-vae: a bundle needs a VAE decoder")
+    if not math.isfinite(lora_scale):
+        raise InputError(f"--lora-scale must be a finite number, got {lora_scale}")
 
     t0 = time.perf_counter()
 
@@ -158,6 +199,23 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
         if not decs:
             raise InputError("give at least one --decoder SUBJECT=FILE (fit one with `nsdedge fit`)")
         src = load_sources(sd, ip_adapter, image_encoder, decs, decoder_files, sd_config=sd_config)
+    if lora is not None or tiny_vae is not None:
+        from .export.few_step import LCM_RUN_DEFAULTS, load_tiny_vae, read_lora
+        from .export.sources import file_digest, folder_digest
+
+        if lora is not None:
+            src.lora, src.lora_scale, src.lora_name = read_lora(lora), lora_scale, str(lora)
+            src.provenance["lora"] = file_digest(lora)
+            src.run_defaults = dict(LCM_RUN_DEFAULTS)
+        if tiny_vae is not None:
+            src.tiny_vae = load_tiny_vae(tiny_vae)
+            src.provenance["tiny_vae"] = folder_digest(tiny_vae)
+    if src.lora is not None:
+        src.lora_scale = lora_scale
+        if src.tiny_vae is not None:
+            src.run_defaults.setdefault("vae", "tiny")
+    src.run_defaults.update(defaults or {})
+    src.full_vae = not no_full_vae
     subjects = [d.subject for d in src.decoders]
     if len(set(subjects)) != len(subjects):
         raise InputError(f"two decoders for the same subject in {subjects}")
@@ -203,6 +261,10 @@ def _summary(path: Path, m) -> str:
     lines.append(f"  total {_human(total)} in {len(m.files)} files; subjects: "
                  + ", ".join(f"{s} ({m.components[c].extra.get('voxels')} voxels)" for s, c in m.subjects.items()))
     lines.append("  * against torch at export" + (f"; then {m.precision} against fp32" if m.precision != "fp32" else ""))
+    if m.extra.get("run_defaults"):
+        lora = m.extra.get("lora")
+        lines.append("  runs with: " + ", ".join(f"{k} {v}" for k, v in m.extra["run_defaults"].items())
+                     + (f"  (LoRA {lora['source'][:24]} fused at scale {lora['scale']})" if lora else ""))
     f = m.extra.get("fidelity")
     if f:
         lines.append(f"  fidelity of {f['precision']} against fp32 ({f['inputs']}, {f['steps']} steps, "

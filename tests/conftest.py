@@ -45,3 +45,25 @@ def trial(tmp_path) -> Path:
     p = tmp_path / "trial.npy"
     np.save(p, np.random.default_rng(7).standard_normal(256).astype(np.float32))
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_weights(tmp_path_factory) -> dict[str, Path]:
+    """The tiny preset with a random LoRA of LCM-LoRA's shape (pytorch_lora_weights.safetensors) and a random TAESD
+    (an AutoencoderTiny folder), saved as a user would hold them."""
+    pytest.importorskip("peft")
+    from nsdedge.export.presets import build_preset, save_weights
+
+    return save_weights(build_preset("tiny-lcm", seed=0), tmp_path_factory.mktemp("weights-lcm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_bundle(tiny_lcm_weights, tmp_path_factory) -> Path:
+    """A few-step bundle exported through the real loaders: --lora fused, --tiny-vae beside the full VAE."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-lcm"
+    w = tiny_lcm_weights
+    r = run_cli("export", "--sd", str(w["sd"]), "--ip-adapter", str(w["ip_safetensors"]), "--image-encoder",
+                str(w["image_encoder"]), "--decoder", f"subj01={w['decoder-synth01']}", "--lora", str(w["lora"]),
+                "--tiny-vae", str(w["tiny_vae"]), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out

@@ -16,6 +16,7 @@ from ..errors import NsdedgeError
 from .decoder_export import export_decoder
 from .onnx_export import OPSET, GraphSpec, export_and_verify
 from .sources import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, Sources, encode_prompt, unconditional_tokens
+from .few_step import TinyVAEDecoder, fuse_lora, tiny_vae_factor
 from .wrappers import UNetIP, VAEDecoder, install_ip_adapter
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ def unet_spec(multiple: int, fused_attention: bool = False, opset: int = OPSET) 
                      output_dynamic={"noise_pred": {0: "batch", 2: "height", 3: "width"}})
 
 
-def vae_spec(fused_attention: bool = False, opset: int = OPSET) -> GraphSpec:
-    return GraphSpec(component="vae_decoder", inputs=("latent",), outputs=("image",),
+def vae_spec(fused_attention: bool = False, opset: int = OPSET, component: str = "vae_decoder") -> GraphSpec:
+    return GraphSpec(component=component, inputs=("latent",), outputs=("image",),
                      dynamic={"latent": {0: ("batch", 1), 2: ("height", 1), 3: ("width", 1)}},
                      fused_attention=fused_attention, opset=opset,
                      output_dynamic={"image": {0: "batch", 2: "image_height", 3: "image_width"}})
@@ -70,9 +71,17 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
         raise NsdedgeError(f"--resolution {resolution} must be a multiple of {f * m} for this model "
                            f"(VAE factor {f} x UNet downsampling {m})")
     latent = (resolution // f, resolution // f)
+    if src.tiny_vae is not None and tiny_vae_factor(src.tiny_vae) != f:
+        raise NsdedgeError(f"the tiny VAE upsamples x{tiny_vae_factor(src.tiny_vae)}, the model's VAE x{f}: "
+                           f"not a TAESD for this model")
+    if not src.full_vae and src.tiny_vae is None:
+        raise NsdedgeError("--no-full-vae needs --tiny-vae: a bundle needs a VAE decoder")
     t_start = time.perf_counter()
     with BundleWriter(out, force) as w:
         comps: dict[str, Component] = {}
+        if src.lora is not None:
+            progress(f"lora: fusing into the UNet at scale {src.lora_scale}")
+            fuse_lora(src.unet, src.text_encoder, src.lora, src.lora_scale, src.lora_name)
 
         progress("constants: text embeddings and unconditional ip tokens")
         prompt_embeds = encode_prompt(src.tokenizer, src.text_encoder, prompt)
@@ -93,14 +102,18 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
                                   _join(src.provenance, "unet", "ip_adapter"), files[1:], entry["parity"])
         del unet
 
-        progress("vae_decoder: export to ONNX and parity check (batch 1)")
-        vae = VAEDecoder(src.vae).eval()
         g = torch.Generator().manual_seed(3)
-        files, entry = export_and_verify(vae, vae_spec(fused, opset), (torch.randn(2, 4, *latent, generator=g),),
-                                         w.tmp / "vae_decoder.onnx",
-                                         checks=[(torch.randn(1, 4, *latent, generator=g),)])
-        comps["vae_decoder"] = Component("vae_decoder", files[0], "fp32", entry["inputs"], entry["outputs"],
-                                         src.provenance.get("vae", "?"), files[1:], entry["parity"])
+        vaes = ([("vae_decoder", VAEDecoder(src.vae), src.provenance.get("vae", "?"), {})] if src.full_vae else []) + \
+            ([("taesd_decoder", TinyVAEDecoder(src.tiny_vae), src.provenance.get("tiny_vae", "?"),
+               {"scaling_factor": float(src.tiny_vae.config.scaling_factor)})] if src.tiny_vae is not None else [])
+        for name, module, source, extra in vaes:
+            progress(f"{name}: export to ONNX and parity check (batch 1)")
+            files, entry = export_and_verify(module.eval(), vae_spec(fused, opset, name),
+                                             (torch.randn(2, 4, *latent, generator=g),), w.tmp / f"{name}.onnx",
+                                             checks=[(torch.randn(1, 4, *latent, generator=g),)])
+            comps[name] = Component(name, files[0], "fp32", entry["inputs"], entry["outputs"], source, files[1:],
+                                    entry["parity"], extra)
+        del vaes
 
         for dec in src.decoders:
             name = f"decoder-{dec.subject}"
@@ -116,7 +129,10 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
             scheduler_config=dict(src.scheduler_config), prompt=prompt, negative_prompt=negative_prompt,
             precision=precision, components=comps, source=dict(src.provenance),
             extra={"unet_multiple": m, "export_seconds": None, "target": target, "fused_attention": fused,
-                   "opset": opset})
+                   "opset": opset,
+                   **({"run_defaults": dict(src.run_defaults)} if src.run_defaults else {}),
+                   **({"lora": {"source": src.provenance.get("lora", "?"), "scale": float(src.lora_scale)}}
+                      if src.lora is not None else {})})
         if precision != "fp32":
             import gc
 
@@ -124,8 +140,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
 
             # the torch modules are done with and hold GBs (SD 1.5: about 4.5): free them before the quantizer
             # and the fidelity runs load graphs of their own
-            src.unet = src.vae = src.text_encoder = src.image_encoder = None
-            del vae
+            src.unet = src.vae = src.text_encoder = src.image_encoder = src.tiny_vae = None
             gc.collect()
             quantize_bundle(w, manifest, precision, calibration_voxels=calibration_voxels,
                             int8_ops=INT8_OP_CHOICES[int8_ops], target=target, calibration=calibration,

@@ -18,7 +18,7 @@ from .ip_adapter import ResamplerConfig, random_ip_adapter
 from .sources import Sources
 from .wrappers import cross_attention_layers
 
-PRESETS = ("tiny", "sd15-random")
+PRESETS = ("tiny", "sd15-random", "tiny-lcm", "sd15-random-lcm")   # -lcm: + a random LCM-LoRA and TAESD
 
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json (a PNDMScheduler config); every
 # scheduler of the runtime is configured from it, as diffusers' from_config does.
@@ -88,8 +88,12 @@ def build_preset(name: str, seed: int = 0) -> Sources:
 
 
 def _build_preset(name: str, seed: int) -> Sources:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
+    from .few_step import LCM_RUN_DEFAULTS, random_lora
+
+    few_step = name.endswith("-lcm")
+    name = name.removesuffix("-lcm")
     tok = byte_tokenizer()
     if name == "tiny":
         unet = UNet2DConditionModel(
@@ -117,12 +121,23 @@ def _build_preset(name: str, seed: int) -> Sources:
         decoder = synthetic_decoder(SYNTH_SUBJECT, SUBJ01_VOXELS, rank=256, seed=seed)
         resolution = 512
     ip = random_ip_adapter(rcfg, cross_attention_layers(unet), seed=seed + 1, source=f"preset:{name}")
-    src = f"preset:{name}"
-    return Sources(unet=unet.eval(), vae=vae.eval(), text_encoder=text, tokenizer=tok,
-                   scheduler_config=dict(SD15_SCHEDULER_CONFIG), ip_adapter=ip, image_encoder=enc,
-                   decoders=[decoder], resolution=resolution,
-                   provenance={k: src for k in ("unet", "vae", "text_encoder", "ip_adapter", "image_encoder",
-                                                f"decoder-{SYNTH_SUBJECT}")})
+    src = f"preset:{name}-lcm" if few_step else f"preset:{name}"
+    sources = Sources(unet=unet.eval(), vae=vae.eval(), text_encoder=text, tokenizer=tok,
+                      scheduler_config=dict(SD15_SCHEDULER_CONFIG), ip_adapter=ip, image_encoder=enc,
+                      decoders=[decoder], resolution=resolution,
+                      provenance={k: src for k in ("unet", "vae", "text_encoder", "ip_adapter", "image_encoder",
+                                                   f"decoder-{SYNTH_SUBJECT}")})
+    if few_step:
+        # TAESD's architecture (diffusers' AutoencoderTiny defaults = madebyollin/taesd); the tiny preset's VAE
+        # upsamples x2, so its TAESD has two levels
+        tiny = {} if name == "sd15-random" else {
+            "encoder_block_out_channels": (16, 16), "decoder_block_out_channels": (16, 16),
+            "num_encoder_blocks": (1, 1), "num_decoder_blocks": (1, 1)}
+        sources.tiny_vae = AutoencoderTiny(**tiny).eval()
+        sources.lora = random_lora(unet, seed=seed + 2, rank=4 if name == "tiny" else 64)
+        sources.run_defaults = {**LCM_RUN_DEFAULTS, "vae": "tiny"}
+        sources.provenance.update(lora=src, tiny_vae=src)
+    return sources
 
 
 def save_weights(src: Sources, folder: str | Path) -> dict[str, Path]:
@@ -156,4 +171,13 @@ def save_weights(src: Sources, folder: str | Path) -> dict[str, Path]:
     for dec in src.decoders:
         paths[f"decoder-{dec.subject}"] = folder / f"decoder-{dec.subject}.safetensors"
         dec.save(paths[f"decoder-{dec.subject}"])
+    if src.lora is not None:                      # as LCM-LoRA ships: pytorch_lora_weights.safetensors
+        from .few_step import save_lora
+
+        paths["lora"] = folder / "lcm-lora" / "pytorch_lora_weights.safetensors"
+        paths["lora"].parent.mkdir(parents=True, exist_ok=True)
+        save_lora(src.lora, paths["lora"])
+    if src.tiny_vae is not None:                  # as madebyollin/taesd ships: a diffusers AutoencoderTiny folder
+        paths["tiny_vae"] = folder / "taesd"
+        src.tiny_vae.save_pretrained(paths["tiny_vae"])
     return paths

@@ -243,8 +243,8 @@ def convert_component(folder: Path, name: str, file: str, precision: str,
     dst = folder / file.replace(".onnx", f".{precision}.onnx")
     if precision == "fp16":
         return to_fp16(src, dst), "fp16"
-    if name == "vae_decoder":
-        return [], "fp32"                                   # int8 bundles keep the fp32 VAE
+    if name in ("vae_decoder", "taesd_decoder"):
+        return [], "fp32"                                   # int8 bundles keep the fp32 VAEs
     if target == "tensorrt":
         if not feeds:
             log.warning("%s: no calibration inputs recorded; it stays fp32", name)
@@ -328,7 +328,7 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
     from ..calibration import Recorder, calls
     from ..eval.metrics import psnr, ssim
     from ..runtime import Reconstructor
-    from ..runtime.pipeline import FP32_VAE
+    from ..runtime.pipeline import FP32_VAE, VAES
 
     folder = writer.tmp
     writer.write_manifest(manifest)
@@ -338,7 +338,11 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
     progress("fidelity: fp32 reference reconstructions")
     ref_rec = Recorder()
     ref = Reconstructor(folder, "cpu", verify=False, observer=ref_rec)
-    ref_images = ref(trials[first], first, steps=steps, guidance=guidance, seed=0)
+    final = ref.denoise(ref.decode(trials[first], first), steps=steps, guidance=guidance, seed=0)
+    ref_images = ref.decode_latents(final)                       # with the bundle's own VAE ...
+    for vae, comp in VAES.items():                                 # ... and its other one, for its feeds
+        if comp in manifest.components and vae != ref.defaults["vae"]:
+            ref.decode_latents(final, vae=vae)
     ref_tokens = {s: ref.decode(x, s) for s, x in trials.items()}
     del ref
     recorded = ref_rec.by_component()

@@ -39,6 +39,13 @@ class Sources:
     decoders: list = field(default_factory=list)   # LinearDecoder or BrainGuardMLP, each with .subject
     provenance: dict[str, str] = field(default_factory=dict)
     resolution: int | None = None
+    # the few-step path (export/few_step.py)
+    lora: dict | None = None        # a distillation LoRA's tensors, fused into the UNet at export
+    lora_scale: float = 1.0
+    lora_name: str = "LoRA"         # how errors name it (its file)
+    tiny_vae: object | None = None  # diffusers AutoencoderTiny (TAESD)
+    full_vae: bool = True           # False: the bundle carries the tiny VAE only
+    run_defaults: dict = field(default_factory=dict)   # settings the bundle is meant to run with
 
     @property
     def vae_scale_factor(self) -> int:

@@ -31,7 +31,7 @@ from ..errors import BundleError, ProviderError
 
 log = logging.getLogger(__name__)
 
-ENGINE_COMPONENTS = ("unet", "vae_decoder")      # decoders are one small GEMM: onnxruntime runs them
+ENGINE_COMPONENTS = ("unet", "vae_decoder", "taesd_decoder")   # decoders are one GEMM: onnxruntime runs them
 WORKSPACE_BYTES = 4 << 30                         # builder workspace cap (edge boards: pass less)
 
 
