@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .runtime import Reconstructor
+from .runtime.pipeline import VAES
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +121,24 @@ def bench_bundle(bundle: str | Path, *, provider: str = "auto", **kw) -> dict:
     return result
 
 
-def _bench(bundle: str | Path, *, steps: int = 20, guidance: float = 7.5, runs: int = 5, warmup: int = 1,
-           e2e_runs: int = 1, provider: str = "auto", low_memory: bool = False,
+def _bench(bundle: str | Path, *, steps: int | None = None, guidance: float | None = None, runs: int = 5,
+           warmup: int = 1, e2e_runs: int | None = None, provider: str = "auto", low_memory: bool = False,
            progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Settings left out are the bundle's run defaults. End to end is one trial at a time with the sessions warm,
+    as a stream of fMRI volumes would arrive: `e2e_runs` of them (default 5 for a bundle with run defaults, a
+    few-step one, else 1)."""
     import onnxruntime as ort
 
     t0 = time.perf_counter()
     rec = Reconstructor(bundle, provider=provider, low_memory=low_memory)
     m = rec.manifest
+    cfg = rec.settings(steps=steps, guidance=guidance)
+    steps, guidance = cfg["steps"], cfg["guidance"]
+    e2e_runs = e2e_runs or (5 if m.extra.get("run_defaults") else 1)
     subject = next(iter(rec.subjects))
     comp = m.subjects[subject]
-    for name in (comp, "unet", "vae_decoder"):
+    vaes = {k: c for k, c in VAES.items() if c in m.components}
+    for name in (comp, "unet", *vaes.values()):
         if not low_memory:
             rec.session(name)
     load_s = time.perf_counter() - t0
@@ -139,7 +147,8 @@ def _bench(bundle: str | Path, *, steps: int = 20, guidance: float = 7.5, runs: 
     tokens = rec.decode(voxels, subject)
     h, w = m.latent_size
     result = {"bundle": str(bundle), "precision": m.precision, "provider": rec.provider,
-              "image_size": list(m.image_size), "steps": steps, "guidance": guidance, "subject": subject,
+              "image_size": list(m.image_size), "steps": steps, "guidance": guidance, "scheduler": cfg["scheduler"],
+              "vae": cfg["vae"], "subject": subject,
               "load_s": load_s, "stages": {},
               "sizes_mb": {n: sum(m.files[f]["size"] for f in [c.file, *c.data_files]) / 2 ** 20
                            for n, c in m.components.items()},
@@ -159,10 +168,12 @@ def _bench(bundle: str | Path, *, steps: int = 20, guidance: float = 7.5, runs: 
                  "ip_tokens": np.repeat(tokens, batch, 0).astype(dt), "ip_scale": np.array([1.0], dt)}
         result["stages"][f"unet_step_b{batch}"] = timed(lambda: unet.run(feeds), runs, warmup)
     rec.release("unet")
-    progress("vae decode")
     latent = rng.standard_normal((1, m.latent_channels, h, w)).astype(np.float32)
-    result["stages"]["vae_decode"] = timed(lambda: rec.decode_latents(latent), runs, warmup)
-    progress(f"end to end: {steps} steps, guidance {guidance}")
+    for vae in vaes:
+        progress(f"{vae} vae decode")
+        result["stages"]["vae_decode" if vae == "full" else "taesd_decode"] = timed(
+            lambda: rec.decode_latents(latent, vae=vae), runs, warmup)
+    progress(f"end to end, one trial at a time: {cfg['scheduler']} {steps} steps, guidance {guidance}, {cfg['vae']} VAE")
     result["stages"]["end_to_end"] = timed(lambda: rec(voxels, subject, steps=steps, guidance=guidance),
                                            e2e_runs, 0)
     result["peak_rss_mb"] = peak_rss_mb()
@@ -179,5 +190,6 @@ def format_table(r: dict) -> str:
                  f"(" + ", ".join(f"{k} {v:.1f}" for k, v in r["sizes_mb"].items() if k != "total") + ")")
     if r.get("peak_gpu_mb") is not None:
         lines.append(f"  peak GPU memory {r['peak_gpu_mb']:.0f} MB on {r['machine']['gpu']} (device-wide, NVML)")
-    lines.append(f"  end to end = {r['steps']} steps at guidance {r['guidance']} + decoder + VAE, one image")
+    lines.append(f"  end to end = decoder + {r['steps']} {r.get('scheduler', 'ddim')} steps at guidance {r['guidance']} + "
+                 f"{r.get('vae', 'full')} VAE, one trial at a time (sessions warm)")
     return "\n".join(lines)

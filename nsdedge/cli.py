@@ -267,8 +267,8 @@ def _summary(path: Path, m) -> str:
                      + (f"  (LoRA {lora['source'][:24]} fused at scale {lora['scale']})" if lora else ""))
     f = m.extra.get("fidelity")
     if f:
-        lines.append(f"  fidelity of {f['precision']} against fp32 ({f['inputs']}, {f['steps']} steps, "
-                     f"guidance {f['guidance']}):")
+        lines.append(f"  fidelity of {f['precision']} against fp32 ({f['inputs']}, {f.get('scheduler', 'ddim')} "
+                     f"{f['steps']} steps, guidance {f['guidance']}, {f.get('vae', 'full')} VAE):")
         if f.get("int8_scheme"):
             lines.append(f"    int8: {f['int8_scheme']} over {', '.join(f['int8_ops'])}"
                          + (f"; calibration calls {f['calibration_calls']}" if f.get("calibration_calls") else ""))
@@ -374,11 +374,12 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, vae, seed
 # -- bench ----------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--bundle", type=click.Path(path_type=Path), required=True)
-@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True, help="End-to-end steps.")
-@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), help="End-to-end steps [default: the bundle's, else 20].")
+@click.option("--guidance", type=float, help="[default: the bundle's, else 7.5]")
 @click.option("--runs", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timed runs per stage.")
 @click.option("--warmup", type=click.IntRange(0, 100), default=1, show_default=True, help="Untimed runs first.")
-@click.option("--e2e-runs", type=click.IntRange(1, 100), default=1, show_default=True)
+@click.option("--e2e-runs", type=click.IntRange(1, 100),
+              help="Trials reconstructed one at a time, sessions warm [default: 5 for a bundle with run defaults, else 1].")
 @click.option("--provider", type=click.Choice(PROVIDER_NAMES), default="auto", show_default=True)
 @click.option("--low-memory", is_flag=True, help="Load one graph at a time.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results here too.")

@@ -118,3 +118,12 @@ def test_tiny_vae_only_bundle_and_bad_loras(tiny_lcm_weights, tmp_path):
     assert rec(_voxels(), "subj01").shape == (1, 64, 64, 3)
     r = run_cli(*base, "--run-defaults", "steps=many", "--out", str(tmp_path / "b4"))
     assert r.returncode == 2 and "steps=many" in r.stderr
+
+
+def test_bench_reports_per_trial_latency_of_the_few_step_path(tiny_lcm_bundle, tmp_path):
+    r = run_cli("bench", "--bundle", str(tiny_lcm_bundle), "--runs", "1", "--json", str(tmp_path / "b.json"))
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "b.json").read_text())
+    assert (d["scheduler"], d["steps"], d["guidance"], d["vae"]) == ("lcm", 4, 1.0, "tiny")
+    assert {"taesd_decode", "vae_decode"} <= set(d["stages"]) and d["stages"]["end_to_end"]["runs"] == 5
+    assert "one trial at a time" in r.stdout

@@ -344,6 +344,7 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         if comp in manifest.components and vae != ref.defaults["vae"]:
             ref.decode_latents(final, vae=vae)
     ref_tokens = {s: ref.decode(x, s) for s, x in trials.items()}
+    ref_defaults = ref.defaults
     del ref
     recorded = ref_rec.by_component()
 
@@ -388,6 +389,7 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
     s_q = spread(np.stack(q_rec.by_component()["unet"]["noise_pred"]))
     fidelity = {
         "precision": precision, "target": target, "steps": steps, "guidance": guidance, "subject": first,
+        "scheduler": ref_defaults["scheduler"], "vae": ref_defaults["vae"],
         "int8_ops": (list(QDQ_OPS) if static else list(int8_ops)) if precision == "int8" else None,
         "int8_scheme": ("static QDQ, symmetric activations, per-channel weights" if static
                         else "dynamic, per-tensor weights" + ("; conv weights int8 per channel, convs computed in "
