@@ -84,12 +84,20 @@ def side_bundle(a, precision: str) -> dict:
             "peak_rss_mb": peak_rss_mb(), "onnxruntime": ort.__version__}
 
 
+def preset_sources(w: Path):
+    """The saved preset's weights loaded back through nsdedge's loaders, as `nsdedge export --sd ...` does."""
+    from nsdedge.decoders.linear import read_decoder
+    from nsdedge.export.sources import load_sources
+
+    dec = read_decoder(w / "decoder-synth01.safetensors")
+    return load_sources(w / "sd15", w / "ip-adapter-plus_sd15.bin", w / "image_encoder", [dec],
+                        {"synth01": w / "decoder-synth01.safetensors"})
+
+
 def prepare(a, precisions: list[str]) -> None:
     """Weights in the real formats, one bundle per precision (exported from them), shared inputs."""
     from nsdedge.export.build import export_bundle
     from nsdedge.export.presets import build_preset, save_weights
-    from nsdedge.export.sources import load_sources
-    from nsdedge.decoders.linear import read_decoder
 
     work = Path(a.workdir)
     w = work / "weights"
@@ -100,9 +108,7 @@ def prepare(a, precisions: list[str]) -> None:
         if not (work / f"bundle-{p}" / "manifest.json").exists():
             print(f"exporting {p} bundle", file=sys.stderr, flush=True)
             t = time.perf_counter()
-            dec = read_decoder(w / "decoder-synth01.safetensors")
-            src = load_sources(w / "sd15", w / "ip-adapter-plus_sd15.bin", w / "image_encoder", [dec],
-                               {"synth01": w / "decoder-synth01.safetensors"})
+            src = preset_sources(w)
             precision, _, ops = p.partition("+")   # "int8+conv": dynamic int8 convs; "int8+matmul": fp32 conv weights
             export_bundle(src, work / f"bundle-{p}", precision=precision, resolution=a.resolution, force=True,
                           int8_ops={"conv": "matmul+conv", "matmul": "matmul"}.get(ops, "matmul+conv-weights"),

@@ -25,7 +25,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from compare import machine_name  # noqa: E402
+from compare import machine_name, preset_sources  # noqa: E402
 
 from nsdedge.bench import cpu_name, peak_rss_mb  # noqa: E402
 
@@ -104,11 +104,10 @@ def side_bundle(a, side: str) -> dict:
 def prepare(a, precisions: list[str]) -> None:
     """The preset's weights in the real formats, one few-step bundle per precision (exported from those files
     through the same loaders as `nsdedge export --lora --tiny-vae`), shared inputs."""
-    from nsdedge.decoders.linear import read_decoder
     from nsdedge.export.build import export_bundle
     from nsdedge.export.few_step import LCM_RUN_DEFAULTS, load_tiny_vae, read_lora
     from nsdedge.export.presets import build_preset, save_weights
-    from nsdedge.export.sources import load_sources, quiet_libraries
+    from nsdedge.export.sources import quiet_libraries
 
     quiet_libraries()
     work = Path(a.workdir)
@@ -122,9 +121,7 @@ def prepare(a, precisions: list[str]) -> None:
             continue
         print(f"exporting {p} few-step bundle at {a.resolution}", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        dec = read_decoder(w / "decoder-synth01.safetensors")
-        src = load_sources(w / "sd15", w / "ip-adapter-plus_sd15.bin", w / "image_encoder", [dec],
-                           {"synth01": w / "decoder-synth01.safetensors"})
+        src = preset_sources(w)
         src.lora, src.lora_name = read_lora(w / "lcm-lora" / "pytorch_lora_weights.safetensors"), "lcm-lora"
         src.tiny_vae = load_tiny_vae(w / "taesd")
         src.run_defaults = {**LCM_RUN_DEFAULTS, "vae": "tiny"}

@@ -210,6 +210,8 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
         if tiny_vae is not None:
             src.tiny_vae = load_tiny_vae(tiny_vae)
             src.provenance["tiny_vae"] = folder_digest(tiny_vae)
+    if src.lora is None and lora_scale != 1.0:
+        raise InputError("--lora-scale needs --lora (or a -lcm preset)")
     if src.lora is not None:
         src.lora_scale = lora_scale
         if src.tiny_vae is not None:
@@ -403,9 +405,9 @@ def bench(bundle, steps, guidance, runs, warmup, e2e_runs, provider, low_memory,
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="An fp32 bundle.")
 @click.option("--voxels", type=click.Path(path_type=Path), required=True, help="Real trials (N, V).")
 @click.option("--subject", help="Subject whose decoder to use.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
-@click.option("--guidance", type=float, default=7.5, show_default=True)
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="ddim", show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), help="[default: the bundle's, else 20]")
+@click.option("--guidance", type=float, help="[default: the bundle's, else 7.5]")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), help="[default: the bundle's, else ddim]")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Calibration file (.npz).")
 def calibrate(bundle, voxels, subject, steps, guidance, scheduler, out):
     """Record what every graph sees while the fp32 pipeline reconstructs real trials (an .npz)."""

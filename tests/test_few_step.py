@@ -43,7 +43,7 @@ def test_parity_with_diffusers_lcm_pipeline(tiny_lcm_bundle, tiny_lcm_weights, m
     tokens = rec.decode(_voxels(), "subj01")
     seed = 11
     latents = rec.initial_latents(1, seed)
-    rng = np.random.default_rng((seed, 1))           # the runtime's per-step noise for this image
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))   # the runtime's per-step noise
 
     def noise(shape, generator=None, device=None, dtype=None):
         return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))
@@ -127,3 +127,42 @@ def test_bench_reports_per_trial_latency_of_the_few_step_path(tiny_lcm_bundle, t
     assert (d["scheduler"], d["steps"], d["guidance"], d["vae"]) == ("lcm", 4, 1.0, "tiny")
     assert {"taesd_decode", "vae_decode"} <= set(d["stages"]) and d["stages"]["end_to_end"]["runs"] == 5
     assert "one trial at a time" in r.stdout
+
+
+def test_kohya_layout_fuses_like_peft_layout_and_unloadable_keys_are_refused():
+    """A LoRA in kohya's layout (lora_down / lora_up / alpha) goes through diffusers' converter and fuses to the same
+    UNet; one whose keys the loader would skip (an adapter name in them) is refused, not fused as nothing."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from nsdedge.errors import WeightsError
+    from nsdedge.export.few_step import fuse_lora
+    from nsdedge.export.presets import build_preset
+
+    a, b, c = (build_preset("tiny-lcm", seed=0) for _ in range(3))
+    rank = a.lora["unet.down_blocks.0.resnets.0.conv1.lora_A.weight"].shape[0]
+    kohya = {}
+    for k, v in a.lora.items():
+        path, kind = k.removeprefix("unet.").rsplit(".lora_", 1)
+        base = "lora_unet_" + path.replace(".", "_")
+        kohya[base + (".lora_down.weight" if kind.startswith("A") else ".lora_up.weight")] = v
+        kohya[base + ".alpha"] = torch.tensor(float(rank))              # alpha = rank: scale 1, as PEFT's default
+    fuse_lora(a.unet, a.text_encoder, a.lora, 1.0, "peft.safetensors")
+    fuse_lora(b.unet, b.text_encoder, kohya, 1.0, "kohya.safetensors")
+    x = (torch.randn(1, 4, 32, 32), torch.tensor([500.0]), torch.randn(1, 77, 768))
+    with torch.no_grad():
+        assert torch.allclose(a.unet(*x).sample, b.unet(*x).sample, atol=1e-6)
+    named = {k.replace(".weight", ".default.weight"): v for k, v in c.lora.items()}
+    with pytest.raises(WeightsError, match="changed no weight"):
+        fuse_lora(c.unet, c.text_encoder, named, 1.0, "named.safetensors")
+
+
+def test_run_defaults_must_fit_the_bundle(tiny_lcm_weights, tmp_path):
+    w = tiny_lcm_weights
+    base = ["export", "--sd", str(w["sd"]), "--ip-adapter", str(w["ip_safetensors"]), "--image-encoder",
+            str(w["image_encoder"]), "--decoder", f"subj01={w['decoder-synth01']}"]
+    for extra, message in ((["--run-defaults", "vae=tiny"], "add --tiny-vae"),
+                           (["--run-defaults", "scheduler=lcm,steps=60"], "at most 50"),
+                           (["--lora-scale", "0.5"], "--lora-scale needs --lora")):
+        r = run_cli(*base, *extra, "--out", str(tmp_path / "b"))
+        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], (extra, r.stderr)
+        assert not (tmp_path / "b").exists()

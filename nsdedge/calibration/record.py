@@ -99,9 +99,10 @@ def calls(arrays: dict[str, Sequence], skip: tuple[str, ...] = ("noise_pred",)) 
     return [{n: arrays[n][int(rows[n][i])] for n in names} for i in range(count)]
 
 
-def record_calibration(rec, voxels: np.ndarray, subject: str | None = None, *, steps: int = 20,
-                       guidance: float = 7.5, scheduler: str = "ddim", seed: int = 0) -> Recorder:
-    """Run `rec` (an fp32 Reconstructor) over `voxels` and record every stage's inputs."""
+def record_calibration(rec, voxels: np.ndarray, subject: str | None = None, *, steps: int | None = None,
+                       guidance: float | None = None, scheduler: str | None = None, seed: int = 0) -> Recorder:
+    """Run `rec` (an fp32 Reconstructor) over `voxels` and record every stage's inputs. Settings left out: the
+    bundle's run defaults (else 20 DDIM steps at guidance 7.5), so a few-step bundle records what it runs."""
     recorder = Recorder()
     before = rec.observer
     rec.observer = recorder

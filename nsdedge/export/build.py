@@ -74,14 +74,20 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
     if src.tiny_vae is not None and tiny_vae_factor(src.tiny_vae) != f:
         raise NsdedgeError(f"the tiny VAE upsamples x{tiny_vae_factor(src.tiny_vae)}, the model's VAE x{f}: "
                            f"not a TAESD for this model")
+    if src.tiny_vae is not None and int(src.tiny_vae.config.latent_channels) != int(src.unet.config.in_channels):
+        raise NsdedgeError(f"the tiny VAE decodes {src.tiny_vae.config.latent_channels}-channel latents, the UNet makes "
+                           f"{src.unet.config.in_channels}: not a TAESD for SD 1.5")
     if not src.full_vae and src.tiny_vae is None:
         raise NsdedgeError("--no-full-vae needs --tiny-vae: a bundle needs a VAE decoder")
+    _check_run_defaults(src)
     t_start = time.perf_counter()
     with BundleWriter(out, force) as w:
         comps: dict[str, Component] = {}
-        if src.lora is not None:
+        lora_fused = src.lora is not None
+        if lora_fused:
             progress(f"lora: fusing into the UNet at scale {src.lora_scale}")
             fuse_lora(src.unet, src.text_encoder, src.lora, src.lora_scale, src.lora_name)
+            src.lora = None                       # in the weights now: a second export must not fuse it again
 
         progress("constants: text embeddings and unconditional ip tokens")
         prompt_embeds = encode_prompt(src.tokenizer, src.text_encoder, prompt)
@@ -132,7 +138,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
                    "opset": opset,
                    **({"run_defaults": dict(src.run_defaults)} if src.run_defaults else {}),
                    **({"lora": {"source": src.provenance.get("lora", "?"), "scale": float(src.lora_scale)}}
-                      if src.lora is not None else {})})
+                      if lora_fused else {})})
         if precision != "fp32":
             import gc
 
@@ -149,6 +155,21 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
         progress("writing manifest and checksums")
         w.commit(manifest)
     return manifest
+
+
+def _check_run_defaults(src: Sources) -> None:
+    """The settings a bundle is to run with must be ones it can run: its VAE, a scheduler that takes its steps."""
+    from ..runtime.schedulers import make_scheduler
+
+    rd = src.run_defaults
+    if rd.get("vae") == "tiny" and src.tiny_vae is None:
+        raise NsdedgeError("run defaults name the tiny VAE but there is none: add --tiny-vae")
+    if rd.get("vae") == "full" and not src.full_vae:
+        raise NsdedgeError("run defaults name the full VAE but --no-full-vae leaves it out")
+    try:
+        make_scheduler(rd.get("scheduler", "ddim"), src.scheduler_config, int(rd.get("steps", 20)))
+    except ValueError as e:
+        raise NsdedgeError(f"run defaults: {e}") from None
 
 
 def _join(prov: dict[str, str], *keys: str) -> str:

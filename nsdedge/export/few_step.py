@@ -1,9 +1,10 @@
 """The few-step path: a distillation LoRA fused into the UNet (and text encoder), and the tiny VAE (TAESD).
 
-LoRA files (LCM-LoRA, Hyper-SD, TCD; diffusers/PEFT or kohya layout) are read as safetensors, never unpickled,
-checked key by key against the models, and fused through diffusers' own loader:
-load_lora_weights -> fuse_lora(lora_scale) -> unload_lora_weights leaves plain modules with the LoRA in their
-weights, so the UNet export is unchanged. TAESD is diffusers' AutoencoderTiny (madebyollin/taesd): its decoder
+LoRA files (LCM-LoRA, Hyper-SD, TCD; diffusers/PEFT or kohya layout, with kohya's alphas) are read as safetensors,
+never unpickled, and fused through diffusers' own loader: load_lora_weights -> fuse_lora(lora_scale) ->
+unload_lora_weights leaves plain modules with the LoRA in their weights, so the UNet export is unchanged. Checked:
+keys that name no module (by name, for the plain layouts), layers the loader could not place (by count), and a
+fuse that changed nothing (by per-parameter fingerprints). TAESD is diffusers' AutoencoderTiny (madebyollin/taesd): its decoder
 takes UNet-space latents (scaling factor 1) and returns [-1, 1].
 """
 
@@ -28,8 +29,8 @@ LCM_LORA_RANK = 64
 # guidance 1 to 2; guidance 1 is batch 1 without the negative branch).
 LCM_RUN_DEFAULTS = {"scheduler": "lcm", "steps": 4, "guidance": 1.0}
 
-# the parameter of a LoRA key: diffusers/PEFT (lora_A / lora_B), older diffusers (lora.down / lora.up), alpha
-_LORA_PARAM = re.compile(r"\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)(\.[A-Za-z0-9_]+)?\.weight$|\.alpha$")
+# A LoRA key in diffusers/PEFT layout: "<model>.<module path>.lora_A.weight" (or lora_B, lora.down, lora.up)
+_LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
 
 
 def read_lora(path: Path) -> dict[str, torch.Tensor]:
@@ -47,54 +48,63 @@ def read_lora(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
 
 
-def _check_keys(state: dict, modules: dict[str, torch.nn.Module], source: str) -> int:
-    """Every LoRA key (diffusers layout, "unet." / "text_encoder." prefixed) names a Linear or Conv2d of the model
-    with matching sides; returns the number of keys checked. WeightsError naming the first key that does not."""
-    count = 0
-    for key, tensor in state.items():
-        prefix, _, rest = key.partition(".")
-        if prefix not in modules:
-            raise WeightsError(f"{source}: LoRA key {key!r} is for neither the UNet nor the text encoder")
-        m = _LORA_PARAM.search(rest)
-        if not m:
-            raise WeightsError(f"{source}: LoRA key {key!r} is not a LoRA weight")
-        path, kind = rest[:m.start()], m.group(1) or "alpha"
-        try:
-            target = modules[prefix].get_submodule(path)
-        except AttributeError:
-            raise WeightsError(f"{source}: LoRA key {key!r} names no module of the {prefix}") from None
-        count += 1
-        if kind == "alpha":
-            continue
-        n_in = getattr(target, "in_features", getattr(target, "in_channels", None))
-        n_out = getattr(target, "out_features", getattr(target, "out_channels", None))
-        side, want = (tensor.shape[1], n_in) if kind in ("lora_A", "lora.down", "lora_down") else (tensor.shape[0], n_out)
-        if n_in is None or side != want:
-            raise WeightsError(f"{source}: LoRA key {key!r} has shape {tuple(tensor.shape)}, which does not fit "
-                               f"{prefix}.{path} ({type(target).__name__} {n_in} -> {n_out})")
-    return count
+def _lora_layers(model) -> dict[str, torch.nn.Module]:
+    """The modules of `model` into which PEFT injected a LoRA (they carry lora_A)."""
+    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {}))}
+
+
+def _fingerprints(model) -> dict[str, tuple]:
+    """Per parameter: shape, sum and sum of squares (float64): what fusing changes, without a copy of the model."""
+    with torch.no_grad():
+        return {n: (tuple(p.shape), float(p.double().sum()), float(p.double().square().sum()))
+                for n, p in model.named_parameters()}
 
 
 def fuse_lora(unet, text_encoder, lora: dict[str, torch.Tensor], scale: float, source: str) -> None:
-    """Fuse `lora` into `unet` (and `text_encoder` where it has keys for it) in place, with diffusers' loader."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    state, alphas = StableDiffusionPipeline.lora_state_dict(dict(lora))    # kohya -> diffusers names
-    modules = {"unet": unet, **({"text_encoder": text_encoder} if text_encoder is not None else {})}
-    if not _check_keys(state, modules, source):
-        raise WeightsError(f"{source}: no LoRA weights found")
-    has_text = any(k.startswith("text_encoder.") for k in state)
+    """Fuse `lora` into `unet` (and `text_encoder` where it has keys for it) in place, with diffusers' loader, which
+    reads the diffusers/PEFT and kohya layouts and their alphas. WeightsError, naming a key where it can, when
+    the loader refuses the file, when some of its layers found no module, or when fusing changed nothing."""
+    try:
+        import peft  # noqa: F401
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+    except ImportError as e:
+        raise WeightsError(f"{source}: fusing a LoRA needs {e.name}: pip install 'nsdedge[export]'") from None
+    try:
+        converted, _ = StableDiffusionPipeline.lora_state_dict(dict(lora))      # kohya -> diffusers names
+    except Exception as e:  # noqa: BLE001  diffusers raises ValueError, KeyError, ... for a foreign file
+        raise WeightsError(f"{source}: not a LoRA diffusers can read ({str(e).splitlines()[0][:200]})") from None
+    models = {"unet": unet, "text_encoder": text_encoder}
+    for key in converted:                      # name the first key (of the plain layouts) that fits no module
+        m = _LORA_KEY.match(key)
+        if m and models.get(m.group(1)) is not None:
+            try:
+                models[m.group(1)].get_submodule(m.group(2))
+            except AttributeError:
+                raise WeightsError(f"{source}: LoRA key {key!r} names no module of the {m.group(1)}") from None
+    pairs = sum(1 for k in converted if re.search(r"(lora_A|lora\.down)(\.[A-Za-z0-9_]+)?\.weight$", k))
+    has_text = any(k.startswith("text_encoder.") for k in converted)
     pipe = StableDiffusionPipeline(vae=None, text_encoder=text_encoder if has_text else None, tokenizer=None,
                                    unet=unet, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
                                    safety_checker=None, feature_extractor=None, image_encoder=None,
                                    requires_safety_checker=False)
-    before = sum(p.numel() for p in unet.parameters())
-    pipe.load_lora_weights(state, adapter_name="few_step")
+    before = {name: _fingerprints(m) for name, m in models.items() if m is not None}
+    try:
+        pipe.load_lora_weights(dict(lora), adapter_name="few_step")
+    except Exception as e:  # noqa: BLE001  shapes that do not fit, unknown layouts, PEFT errors
+        raise WeightsError(f"{source}: diffusers cannot load this LoRA ({str(e).splitlines()[0][:200]})") from None
+    injected = sum(len(_lora_layers(m)) for m in models.values() if m is not None)
+    if injected < pairs:
+        raise WeightsError(f"{source}: only {injected} of its {pairs} LoRA layers found a module of the UNet or "
+                           f"text encoder")
     pipe.fuse_lora(lora_scale=float(scale))
     pipe.unload_lora_weights()
-    if sum(p.numel() for p in unet.parameters()) != before:
+    after = {name: _fingerprints(m) for name, m in models.items() if m is not None}
+    if any(set(after[n]) != set(before[n]) for n in after):
         raise WeightsError(f"{source}: the LoRA did not unload cleanly after fusing")
-    log.info("%s: %d LoRA tensors fused at scale %s", source, len(state), scale)
+    changed = sum(before[n][k] != after[n][k] for n in after for k in after[n])
+    if not changed and scale != 0:
+        raise WeightsError(f"{source}: fusing this LoRA changed no weight (keys in a layout the loader skipped?)")
+    log.info("%s: %d LoRA layers fused at scale %s (%d tensors changed)", source, injected, scale, changed)
 
 
 def random_lora(unet, seed: int, rank: int = LCM_LORA_RANK, targets: tuple[str, ...] = LCM_LORA_TARGETS) -> dict:

@@ -331,6 +331,8 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
     from ..runtime.pipeline import FP32_VAE, VAES
 
     folder = writer.tmp
+    run = manifest.extra.get("run_defaults", {})          # a few-step bundle is measured as it runs
+    steps, guidance = int(run.get("steps", steps)), float(run.get("guidance", guidance))
     writer.write_manifest(manifest)
     trials = fidelity_voxels(manifest, calibration_voxels)
     first = next(iter(trials))

@@ -3,7 +3,8 @@
 Shapes: voxels (N, V); tokens (N, 16, 768); latents (N, 4, H/f, W/f) with f the bundle's VAE factor;
 images (N, H, W, 3) uint8. Every image is denoised on its own (batch 2 with guidance, 1 without), so
 memory stays flat over long batches; image n of a call uses seed + n (its initial latent from PCG64 seeded
-with seed + n; a stochastic scheduler's per-step noise from PCG64 seeded with (seed + n, 1)), so a resumed
+with seed + n; a stochastic scheduler's per-step noise from PCG64 seeded with SeedSequence(seed + n,
+spawn_key=(1,))), so a resumed
 batch gives the same bytes as an uninterrupted one.
 
 Settings a call leaves out (None) come from the bundle's run defaults (a few-step bundle: lcm, 4 steps,
@@ -177,7 +178,8 @@ class Reconstructor:
         constants = {"encoder_hidden_states": text.astype(dtype), "ip_tokens": ip.astype(dtype),
                      "ip_scale": np.array([ip_scale], dtype)}
         x = latent * np.float32(sched.init_noise_sigma)                            # (1, 4, h, w)
-        rng = np.random.default_rng((seed, 1)) if sched.stochastic else None     # fresh noise between steps
+        # fresh noise between steps: a stream of its own (spawn key 1), never another seed's initial latent
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,))) if sched.stochastic else None
         with unet.bound(constants):                    # uploaded once; per step only the latent travels
             for i, t in enumerate(sched.timesteps):
                 xin = sched.scale_model_input(x, i)

@@ -124,7 +124,9 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
 PROVIDERS = ORT_PROVIDERS
 
 
-def Session(path: str | Path, provider: str = "cpu", threads: int | None = None,   # noqa: N802
-            provider_options: dict | None = None) -> OrtSession:
-    """One ONNX file on a provider ('auto' resolved): open_graph under its earlier name."""
-    return open_graph(path, provider, threads=threads, options=provider_options)
+class Session(OrtSession):
+    """One ONNX file on a provider, 'auto' resolved: the onnxruntime backend under its earlier name."""
+
+    def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None,
+                 provider_options: dict | None = None):
+        super().__init__(Path(path), resolve(provider), threads, provider_options)
