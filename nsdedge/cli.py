@@ -244,7 +244,9 @@ def _human(n: int) -> str:
 
 def _num(x, spec: str) -> str:
     """A number from a manifest: strict JSON writes NaN as null and infinity as "inf"."""
-    return "-" if x is None else x if isinstance(x, str) else format(x, spec)
+    if x is None or (isinstance(x, float) and math.isnan(x)):      # undefined, e.g. no spread without guidance
+        return "-"
+    return x if isinstance(x, str) else format(x, spec)
 
 
 def _summary(path: Path, m) -> str:
