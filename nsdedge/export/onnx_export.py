@@ -108,8 +108,10 @@ def _export_legacy(module: torch.nn.Module, spec: GraphSpec, samples: tuple[torc
 
     axes = {name: {axis: dim for axis, (dim, _) in spec.dynamic.get(name, {}).items()} for name in spec.inputs}
     axes = {**{k: v for k, v in axes.items() if v}, **spec.output_dynamic}
-    scratch = path.with_name(f".{path.stem}.legacy")
-    scratch.mkdir(exist_ok=True)
+    import shutil
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.stem}.legacy-", dir=path.parent))   # new: removing it is safe
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -119,8 +121,6 @@ def _export_legacy(module: torch.nn.Module, spec: GraphSpec, samples: tuple[torc
         model = onnx.load(str(scratch / "model.onnx"))    # above 2 GB the exporter wrote one file per tensor
         files = save_onnx(model, path)
     finally:
-        import shutil
-
         shutil.rmtree(scratch, ignore_errors=True)
     return files
 
