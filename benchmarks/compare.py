@@ -9,6 +9,15 @@ timed end-to-end run.
     python benchmarks/compare.py --workdir /tmp/nsdedge-compare --precisions fp32,int8 --rounds 1
 
 writes benchmarks/results/<machine>.json and .png.
+
+On a GPU, `--device cuda` runs diffusers fp16 (eager), diffusers fp16 with torch.compile, diffusers fp32 (the
+pixel reference) and each bundle on onnxruntime's CUDA provider (and TensorRT's where it starts), each side in
+its own process: seconds per image (median of --images warm images, sessions loaded), NVML peak memory above
+what the device used before the process, and above that engine's idle context (a CUDA context with cuBLAS /
+cuDNN handles and nothing else); `--batch N` adds each bundle's N-trial batch through the library, normal and
+low-memory, timed whole (loads included).
+
+    python benchmarks/compare.py --device cuda --workdir /tmp/cmp --precisions fp32,fp16 --images 3 --batch 10
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from nsdedge.bench import peak_rss_mb  # noqa: E402  (VmHWM: ru_maxrss would report the parent's size)
+from nsdedge.bench import peak_rss_mb
 
 
 def machine_name() -> str:
@@ -55,8 +64,8 @@ def side_diffusers(a) -> dict:
     latents = torch.from_numpy(inputs["latents"])
     with torch.inference_mode():
         text, neg = pipe.encode_prompt(str(inputs["prompt"]), "cpu", 1, True, str(inputs["negative_prompt"]))
-        kw = dict(prompt_embeds=torch.cat([text, tokens], 1), negative_prompt_embeds=torch.cat([neg, uncond], 1),
-                  guidance_scale=a.guidance, height=a.resolution, width=a.resolution, output_type="np")
+        kw = {"prompt_embeds": torch.cat([text, tokens], 1), "negative_prompt_embeds": torch.cat([neg, uncond], 1),
+                  "guidance_scale": a.guidance, "height": a.resolution, "width": a.resolution, "output_type": "np"}
         pipe(num_inference_steps=1, latents=latents.clone(), **kw)          # warm-up
         t = time.perf_counter()
         img = pipe(num_inference_steps=a.steps, latents=latents.clone(), **kw).images
@@ -84,6 +93,200 @@ def side_bundle(a, precision: str) -> dict:
             "peak_rss_mb": peak_rss_mb(), "onnxruntime": ort.__version__}
 
 
+# -- on a GPU --------------------------------------------------------------------------------------------------
+def _gpu_watch():
+    from nsdedge.bench import GpuMemoryPeak
+
+    return GpuMemoryPeak(interval=0.002)
+
+
+def _memory(gpu, context_mb: float | None) -> dict:
+    if gpu.peak_mb is None:                                  # no NVML (a dry run on the CPU provider)
+        return {"peak_gpu_mb": float("nan"), "context_mb": float("nan"), "peak_above_context_mb": float("nan")}
+    return {"peak_gpu_mb": gpu.peak_mb - gpu.start_mb, "context_mb": context_mb - gpu.start_mb,
+            "peak_above_context_mb": gpu.peak_mb - context_mb}
+
+
+def side_diffusers_cuda(a, variant: str) -> dict:
+    """variant: fp16 | fp16-compile | fp32."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    w = Path(a.workdir) / "weights"
+    dev = "cpu" if a.provider == "cpu" else "cuda"                    # cpu: a dry run of this script
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    with _gpu_watch() as gpu:
+        torch.ones(64, 64, device=dev) @ torch.ones(64, 64, device=dev)     # the context, cuBLAS loaded
+        sync()
+        context = gpu.used_mb()
+        dtype = torch.float32 if variant == "fp32" else torch.float16
+        pipe = StableDiffusionPipeline.from_pretrained(w / "sd15", safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False, torch_dtype=dtype)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.load_ip_adapter(str(w), subfolder="", weight_name="ip-adapter-plus_sd15.bin", image_encoder_folder=None)
+        pipe.unet.encoder_hid_proj = None
+        pipe.unet.config.encoder_hid_dim_type = None
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(dev)
+        if variant == "fp16-compile":
+            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
+            pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead")
+        inputs = np.load(Path(a.workdir) / "inputs.npz")
+        tokens = torch.from_numpy(inputs["tokens"]).to(dev, dtype)
+        uncond = torch.from_numpy(inputs["uncond"]).to(dev, dtype)
+        latents = torch.from_numpy(inputs["latents"]).to(dev, dtype)
+        times = []
+        with torch.inference_mode():
+            text, neg = pipe.encode_prompt(str(inputs["prompt"]), dev, 1, True, str(inputs["negative_prompt"]))
+            kw = {"prompt_embeds": torch.cat([text, tokens], 1), "negative_prompt_embeds": torch.cat([neg, uncond], 1),
+                      "guidance_scale": a.guidance, "height": a.resolution, "width": a.resolution, "output_type": "np",
+                      "num_inference_steps": a.steps}
+            t = time.perf_counter()
+            for _ in range(2 if variant == "fp16-compile" else 1):                   # warm-up (and compile)
+                pipe(latents=latents.clone(), **kw)
+            warm = time.perf_counter() - t
+            for _ in range(a.images):
+                sync()
+                t = time.perf_counter()
+                img = pipe(latents=latents.clone(), **kw).images
+                sync()
+                times.append(time.perf_counter() - t)
+    np.save(Path(a.workdir) / f"diffusers-{variant}.npy", (img * 255).round().astype(np.uint8))
+    return {"side": f"diffusers-{variant}", "s_per_image": float(np.median(times)), "times": times,
+            "warmup_s": warm, **_memory(gpu, context), "torch_allocator_peak_mb":
+            torch.cuda.max_memory_allocated() / 2 ** 20 if dev == "cuda" else None, "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"}
+
+
+def _ort_context(provider: str) -> object:
+    """An onnxruntime CUDA session of the one-node probe graph: the context, cuBLAS and cuDNN handles."""
+    from nsdedge.runtime.ort_session import PROBE_MODEL, OrtSession
+
+    s = OrtSession(PROBE_MODEL, "cpu" if provider == "cpu" else "cuda")
+    s.run({"x": np.ones((1, 8), np.float32)})
+    return s
+
+
+def _override_cuda_options(changes: list[str]) -> None:
+    """`key=value` CUDA provider options over nsdedge's defaults (shared_arena=0: each graph its own arena), to
+    measure what each default buys."""
+    from nsdedge.runtime import ort_session, session
+
+    pairs = dict(c.split("=", 1) for c in changes)
+    if pairs.pop("shared_arena", "1") == "0":
+        ort_session.shared_cuda_arena = lambda ort, device=0: False
+    base = session.cuda_options
+    session.cuda_options = lambda *args, **kw: {**base(*args, **kw), **pairs}
+
+
+def side_bundle_cuda(a, name: str) -> dict:
+    """name: fp16 | fp32 | fp16@tensorrt | fp16-batch | fp16-batch-lowmem, optionally +key=value CUDA options."""
+    from nsdedge.runtime import Reconstructor
+
+    name, *changes = name.split("+")
+    _override_cuda_options(changes)
+    precision, _, provider = name.partition("@")
+    precision, _, mode = precision.partition("-")
+    provider = provider or a.provider
+    bundle = Path(a.workdir) / f"bundle-{precision}"
+    inputs = np.load(Path(a.workdir) / "inputs.npz")
+    with _gpu_watch() as gpu:
+        keep = _ort_context(provider)
+        context = gpu.used_mb()
+        if mode.startswith("batch"):
+            import shutil
+            import tempfile
+
+            from nsdedge.runtime.batch import reconstruct
+
+            voxels = Path(a.workdir) / "voxels-batch.npy"
+            rec = Reconstructor(bundle, provider, verify=False, low_memory=mode.endswith("lowmem"))
+            out = Path(tempfile.mkdtemp(dir=a.workdir))
+            t = time.perf_counter()
+            reconstruct(rec, voxels, out, steps=a.steps, guidance=a.guidance)
+            total = time.perf_counter() - t
+            images = np.stack([np.asarray(__import__("PIL.Image").Image.open(f)) for f in sorted(out.glob("*.png"))])
+            np.save(Path(a.workdir) / f"{name}.npy", images)
+            shutil.rmtree(out)
+            r = {"s_per_image": total / a.batch, "batch": a.batch, "batch_s": total}
+        else:
+            rec = Reconstructor(bundle, provider, verify=False)
+            t = time.perf_counter()
+            rec.generate(inputs["tokens"], steps=a.steps, guidance=a.guidance, latents=inputs["latents"])  # warm-up
+            warm = time.perf_counter() - t
+            times = []
+            for _ in range(a.images):
+                t = time.perf_counter()
+                img = rec.generate(inputs["tokens"], steps=a.steps, guidance=a.guidance, latents=inputs["latents"])
+                times.append(time.perf_counter() - t)
+            np.save(Path(a.workdir) / f"{'+'.join([name, *changes])}.npy", img)
+            r = {"s_per_image": float(np.median(times)), "times": times, "warmup_s": warm}
+        del rec, keep
+    import onnxruntime as ort
+    return {"side": "nsdedge-" + "+".join([name, *changes]), **r, **_memory(gpu, context),
+            "onnxruntime": ort.__version__}
+
+
+def main_cuda(a) -> None:
+    """Each side in its own process, in the order given (the most wanted first: a lease can end mid-run);
+    results are rewritten after every side."""
+    work = Path(a.workdir)
+    precisions = a.precisions.split(",")
+    prepare(a, precisions)
+    if a.batch:
+        from nsdedge.runtime import Reconstructor
+        v = Reconstructor(work / f"bundle-{precisions[0]}", "cpu", verify=False).subjects["synth01"]
+        np.save(work / "voxels-batch.npy", np.random.default_rng(1).standard_normal((a.batch, v)).astype(np.float32))
+    sides = a.sides.split(",") if a.sides else (
+        ["diffusers-fp16", *[p for p in precisions], "diffusers-fp32", "diffusers-fp16-compile"] +
+        ([f"{p}-batch" for p in precisions if p == "fp16"] + [f"{p}-batch-lowmem" for p in precisions if p == "fp16"]
+         if a.batch else []))
+    result = {"machine": None, "device": "cuda", "resolution": a.resolution, "steps": a.steps,
+              "guidance": a.guidance, "scheduler": "ddim", "images": a.images, "batch": a.batch,
+              "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "sides": {}, "failed": {}}
+    out = Path(a.results or HERE / "results") / "cuda-compare.json"
+    for side in sides:
+        print(f"{side}", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, "--side", side, "--device", "cuda", "--workdir", a.workdir, "--resolution",
+               str(a.resolution), "--steps", str(a.steps), "--guidance", str(a.guidance), "--images", str(a.images),
+               "--batch", str(a.batch), "--provider", a.provider, "--preset", a.preset]
+        t = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            result["failed"][side] = p.stderr.strip().splitlines()[-3:]
+            print(f"  failed: {p.stderr.strip()[-800:]}", file=sys.stderr, flush=True)
+        else:
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            r["process_s"] = time.perf_counter() - t
+            result["sides"][r["side"]] = r
+            result["machine"] = result["machine"] or r.get("gpu")
+            print(f"  {r['s_per_image']:.3f} s/image, peak {r['peak_gpu_mb']:.0f} MB "
+                  f"({r['peak_above_context_mb']:.0f} above a {r['context_mb']:.0f} MB context)",
+                  file=sys.stderr, flush=True)
+        ref = work / "diffusers-fp32.npy"
+        for s_name, r in result["sides"].items():
+            img = work / f"{s_name.removeprefix('nsdedge-')}.npy"
+            if ref.exists() and img.exists() and "batch" not in s_name:
+                r["max_abs_pixel_diff_vs_diffusers_fp32"] = int(np.abs(np.load(img).astype(int) -
+                                                                       np.load(ref).astype(int)).max())
+        batch = [work / f"{b}.npy" for b in ("fp16-batch", "fp16-batch-lowmem")]
+        if all(b.exists() for b in batch):                   # the two modes must make the same images
+            result["batch_lowmem_max_abs_pixel_diff"] = int(np.abs(np.load(batch[0]).astype(int) -
+                                                                   np.load(batch[1]).astype(int)).max())
+        base = result["sides"].get("diffusers-fp16")
+        if base:
+            for r in result["sides"].values():
+                r["speedup_vs_diffusers_fp16"] = base["s_per_image"] / r["s_per_image"]
+                r["memory_vs_diffusers_fp16"] = r["peak_above_context_mb"] / base["peak_above_context_mb"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'side':<30}{'s/image':>9}{'peak MB':>9}{'above ctx':>10}{'x fp16':>8}{'px diff':>8}")
+    for s_name, r in result["sides"].items():
+        print(f"{s_name:<30}{r['s_per_image']:>9.3f}{r['peak_gpu_mb']:>9.0f}{r['peak_above_context_mb']:>10.0f}"
+              f"{r.get('speedup_vs_diffusers_fp16', 0):>8.2f}{r.get('max_abs_pixel_diff_vs_diffusers_fp32', -1):>8}")
+    print(f"written {out}")
+
+
 def preset_sources(w: Path):
     """The saved preset's weights loaded back through nsdedge's loaders, as `nsdedge export --sd ...` does."""
     from nsdedge.decoders.linear import read_decoder
@@ -92,6 +295,26 @@ def preset_sources(w: Path):
     dec = read_decoder(w / "decoder-synth01.safetensors")
     return load_sources(w / "sd15", w / "ip-adapter-plus_sd15.bin", w / "image_encoder", [dec],
                         {"synth01": w / "decoder-synth01.safetensors"})
+
+
+def derive(fp32: Path, out: Path, precision: str) -> None:
+    """An fp16 / int8 bundle converted from an exported fp32 one (as export does after its own fp32 pass), without
+    tracing the models again: the same graphs, so the same bundle, minutes sooner."""
+    import shutil
+
+    from nsdedge.bundle import BundleWriter, read_manifest
+    from nsdedge.export.quantize import quantize_bundle
+
+    print(f"converting {fp32.name} to {precision}", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    manifest = read_manifest(fp32)
+    with BundleWriter(out, force=True) as w:
+        for f in manifest.files:
+            shutil.copy2(fp32 / f, w.tmp / f)
+        manifest.precision = precision
+        quantize_bundle(w, manifest, precision, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+        w.commit(manifest)
+    print(f"  {precision} from fp32 {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
 
 
 def prepare(a, precisions: list[str]) -> None:
@@ -103,8 +326,11 @@ def prepare(a, precisions: list[str]) -> None:
     w = work / "weights"
     if not (w / "sd15" / "model_index.json").exists():
         print("saving sd15-random weights", file=sys.stderr, flush=True)
-        save_weights(build_preset("sd15-random", seed=0), w)
+        save_weights(build_preset(a.preset, seed=0), w)
     for p in precisions:
+        if p == "fp16" and (work / "bundle-fp32" / "manifest.json").exists() and \
+                not (work / "bundle-fp16" / "manifest.json").exists():
+            derive(work / "bundle-fp32", work / "bundle-fp16", "fp16")
         if not (work / f"bundle-{p}" / "manifest.json").exists():
             print(f"exporting {p} bundle", file=sys.stderr, flush=True)
             t = time.perf_counter()
@@ -153,11 +379,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--images", type=int, default=3, help="cuda: timed images per side (median)")
+    ap.add_argument("--batch", type=int, default=0, help="cuda: also an N-trial batch, normal and low-memory")
+    ap.add_argument("--sides", help="cuda: sides to run, in order (default: all)")
+    ap.add_argument("--results", help="cuda: folder for cuda-compare.json (default benchmarks/results)")
+    ap.add_argument("--prepare-only", action="store_true", help="save the weights, export the bundles, stop")
+    ap.add_argument("--preset", default="sd15-random", help=argparse.SUPPRESS)      # tiny: a dry run of the script
+    ap.add_argument("--provider", default="cuda", help=argparse.SUPPRESS)          # cpu: a dry run without a GPU
     ap.add_argument("--side", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.side:
-        r = side_diffusers(a) if a.side == "diffusers" else side_bundle(a, a.side)
+        if a.device == "cuda":
+            r = side_diffusers_cuda(a, a.side.removeprefix("diffusers-")) if a.side.startswith("diffusers") \
+                else side_bundle_cuda(a, a.side)
+        else:
+            r = side_diffusers(a) if a.side == "diffusers" else side_bundle(a, a.side)
         print(json.dumps(r))
+        return
+    Path(a.workdir).mkdir(parents=True, exist_ok=True)
+    if a.prepare_only:
+        prepare(a, a.precisions.split(","))
+        return
+    if a.device == "cuda":
+        main_cuda(a)
         return
     precisions = a.precisions.split(",")
     Path(a.workdir).mkdir(parents=True, exist_ok=True)

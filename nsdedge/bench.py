@@ -67,7 +67,7 @@ class GpuMemoryPeak:
     None where there is no NVML (no GPU, or the package is missing). Device-wide, so run nothing else on it."""
 
     def __init__(self, interval: float = 0.02):
-        self.interval, self.peak_mb, self.gpu = interval, None, None
+        self.interval, self.peak_mb, self.gpu, self.start_mb = interval, None, None, None
 
     def __enter__(self):
         import threading
@@ -84,7 +84,9 @@ class GpuMemoryPeak:
         name = pynvml.nvmlDeviceGetName(handle)
         self.gpu = name.decode() if isinstance(name, bytes) else name
         self._stop = threading.Event()
-        self._peak = 0
+        self._handle = handle
+        self._peak = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        self.start_mb = self._peak / 2 ** 20
 
         def watch():
             while not self._stop.is_set():
@@ -94,6 +96,10 @@ class GpuMemoryPeak:
         self._thread = threading.Thread(target=watch, daemon=True)
         self._thread.start()
         return self
+
+    def used_mb(self) -> float | None:
+        """Device memory in use now (MB)."""
+        return None if self._nvml is None else self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2 ** 20
 
     def __exit__(self, *exc):
         if self._nvml is not None:

@@ -40,6 +40,17 @@ def _setup_logging(verbose: int) -> None:
     log.setLevel(min(level, log.level))
 
 
+def _quiet_onnxruntime() -> None:
+    """onnxruntime's own log prints every provider library that fails to load (the probe of a GPU provider meets
+    them on machines without one); the CLI says it in one line itself, so below -vv only fatal messages show.
+    The CLI owns its process; the library never does this."""
+    if log.level > logging.DEBUG:
+        with contextlib.suppress(ImportError):
+            import onnxruntime
+
+            onnxruntime.set_default_logger_severity(4)
+
+
 def _verbose(f):
     """-v / --verbose on a command too (`nsdedge run -v` as well as `nsdedge -v run`)."""
     return click.option("-v", "--verbose", count=True, expose_value=False, help="More log output (-v info, -vv debug).",
@@ -338,7 +349,8 @@ def _png_bytes(image) -> bytes:
 @click.option("--vae", type=click.Choice(["full", "tiny"]), help="Decoder: full, or tiny (TAESD) [default: the bundle's].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Trial i uses seed + i.")
 @click.option("--provider", type=click.Choice(PROVIDER_NAMES), default="auto", show_default=True)
-@click.option("--low-memory", is_flag=True, help="Load one graph at a time.")
+@click.option("--low-memory", is_flag=True,
+              help="Load one graph at a time; a batch runs stage by stage (UNet loops, then VAE decodes).")
 @click.option("--no-verify", is_flag=True, help="Skip the bundle's sha256 checks (sizes are still checked).")
 @click.option("--trials", default=None, metavar="START:STOP",
               help="Only these rows of the voxel file (e.g. 0:10); images keep their row numbers.")
@@ -354,6 +366,7 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, vae, seed
     tr = read_trials(voxels, parse_trials(trials, "--trials"))
     given = {"steps": steps, "guidance": guidance, "ip_scale": ip_scale, "scheduler": scheduler, "vae": vae}
     check_job(tr, out, Settings(seed=seed, **given))
+    _quiet_onnxruntime()
     rec = Reconstructor(bundle or default_bundle(), provider=provider, low_memory=low_memory, verify=not no_verify)
     run_defaults = {k: v for k, v in rec.manifest.extra.get("run_defaults", {}).items() if given.get(k) is None}
     if run_defaults:
@@ -368,8 +381,9 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, vae, seed
                     click.echo(f"{p.skipped} of {p.skipped + p.todo} images already in {out}; skipping them", err=True)
                 bar = stack.enter_context(click.progressbar(length=max(p.todo * p.steps, 1), file=sys.stderr,
                                                             label=f"{p.todo} trial(s) x {p.steps} steps"))
-            bar.update(p.done * p.steps + p.step - at)
-            at = p.done * p.steps + p.step
+            pos = max(p.done, p.denoised) * p.steps + p.step    # low memory denoises a chunk before writing it
+            bar.update(pos - at)
+            at = pos
 
         result = reconstruct(rec, tr, out, subject=subject, seed=seed, progress=progress, **given)
     click.echo(f"wrote {len(result.written)} image(s) to {out} (provider {result.provider})")
@@ -392,6 +406,7 @@ def bench(bundle, steps, guidance, runs, warmup, e2e_runs, provider, low_memory,
     from .bench import bench_bundle, format_table
     from .bundle import atomic_write_bytes, json_text
 
+    _quiet_onnxruntime()
     t0 = time.perf_counter()
     r = bench_bundle(bundle, steps=steps, guidance=guidance, runs=runs, warmup=warmup, e2e_runs=e2e_runs,
                      provider=provider, low_memory=low_memory,
@@ -494,7 +509,9 @@ def fit(voxels, embeddings, out, subject, alphas, rank, no_rescale):
 @click.option("--dynamic", is_flag=True, help="One dynamic profile instead (batch and 0.5x-1.5x resolution; ~13% slower).")
 @click.option("--workspace-gb", type=float, default=4.0, show_default=True, help="Builder workspace cap (edge: 1-2).")
 @click.option("--force", is_flag=True, help="Rebuild even when an up-to-date engine is cached.")
-def build_engines_cmd(bundle, cache, batches, dynamic, workspace_gb, force):
+@click.option("--strongly-typed", is_flag=True,
+              help="TensorRT 10: precision from the graph's own types, no fp16/int8 flags (TensorRT 11 always is).")
+def build_engines_cmd(bundle, cache, batches, dynamic, workspace_gb, force, strongly_typed):
     """Build TensorRT engines for this GPU from a bundle's UNet and VAE graphs (cached, keyed by GPU and version)."""
     from .bundle import read_manifest
     from .engines import build_engines
@@ -508,7 +525,8 @@ def build_engines_cmd(bundle, cache, batches, dynamic, workspace_gb, force):
     m = read_manifest(bundle)
     t0 = time.perf_counter()
     plans = build_engines(bundle, m, cache, sizes, dynamic, int(workspace_gb * (1 << 30)), force,
-                          progress=lambda s: click.echo(f"[{time.perf_counter() - t0:7.1f}s] {s}", err=True))
+                          progress=lambda s: click.echo(f"[{time.perf_counter() - t0:7.1f}s] {s}", err=True),
+                          strongly_typed=strongly_typed)
     for comp, plan in plans.items():
         click.echo(f"{comp}: {plan}")
 

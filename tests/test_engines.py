@@ -90,7 +90,10 @@ def test_onnxruntime_tensorrt_and_cuda_options(tiny_bundle, tmp_path):
     o = tensorrt_options(m, "unet", tmp_path)
     assert o["trt_int8_enable"] and o["trt_fp16_enable"] and not o["trt_int8_use_native_calibration_table"]
     assert cuda_options(low_memory=True, gpu_mem_limit=2 << 30) == {
-        "cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested", "gpu_mem_limit": 2 << 30}
+        "cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_use_max_workspace": "0", "gpu_mem_limit": 2 << 30}
+    lean = cuda_options(cuda_graph=True)               # the default: lean arena, capped workspace, a CUDA graph
+    assert lean["enable_cuda_graph"] == "1" and lean["cudnn_conv_algo_search"] == "EXHAUSTIVE"
 
 
 def test_missing_gpu_backends_are_clear_errors(tiny_bundle, trial, tmp_path):
@@ -160,10 +163,12 @@ def test_native_engines_build_cache_and_match_cpu(tmp_path):
 @pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
 def test_onnxruntime_gpu_providers_match_cpu(tiny_bundle, tmp_path, provider):
     from nsdedge.runtime import Reconstructor
-    from nsdedge.runtime.session import available
+    from nsdedge.runtime.session import probe
 
-    if provider not in available():
-        pytest.skip(f"onnxruntime here has no {provider} provider")
+    pytest.importorskip("onnxruntime")
+    why = probe(provider)
+    if why is not None:                      # compiled in is not enough: it must start (libraries, a GPU)
+        pytest.skip(why)
     x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
     gpu = Reconstructor(tiny_bundle, provider, engine_cache=tmp_path)(x, steps=4)
     cpu = Reconstructor(tiny_bundle, "cpu")(x, steps=4)

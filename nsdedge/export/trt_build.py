@@ -14,8 +14,16 @@ from pathlib import Path
 from .. import __version__
 from ..bundle import ENGINES, Manifest, atomic_write_bytes, json_text
 from ..errors import NsdedgeError
-from ..runtime.trt_engine import (ENGINE_COMPONENTS, WORKSPACE_BYTES, EngineKey, check_engine, engine_key,
-                                  engine_paths, require_tensorrt, this_device)
+from ..runtime.trt_engine import (
+    ENGINE_COMPONENTS,
+    WORKSPACE_BYTES,
+    EngineKey,
+    check_engine,
+    engine_key,
+    engine_paths,
+    require_tensorrt,
+    this_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +40,27 @@ def record_engine(cache: Path, key: EngineKey, plan_bytes: bytes, seconds: float
 
 
 def build_engine(onnx_path: Path, key: EngineKey, timing_cache: Path) -> bytes:
-    """Serialised engine for `onnx_path` under `key` (profiles, flags, workspace), reusing the timing cache."""
+    """Serialised engine for `onnx_path` under `key` (profiles, flags, workspace), reusing the timing cache.
+
+    A strongly typed key builds a strongly typed network and sets no precision flag (TensorRT refuses both
+    together); TensorRT 11 builds nothing else and has no precision flags left, so a weakly typed key (one made
+    for another TensorRT) is refused there rather than built as something it does not say."""
     trt = require_tensorrt()
+    major = int(trt.__version__.split(".")[0])
+    creation = trt.NetworkDefinitionCreationFlag
+    strongly = "strongly-typed" in key.flags
+    if strongly and major < 11 and not hasattr(creation, "STRONGLY_TYPED"):
+        raise NsdedgeError(f"TensorRT {trt.__version__} has no strongly typed networks (TensorRT 10 or later has)")
+    if not strongly and not hasattr(trt.BuilderFlag, "FP16"):
+        raise NsdedgeError(f"TensorRT {trt.__version__} builds only strongly typed networks; this engine key asks "
+                           f"for builder flags {list(key.flags)} (made for another TensorRT)")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
-    if int(trt.__version__.split(".")[0]) < 10:             # TensorRT 8.x needs explicit batch asked for
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if major < 10:                                          # TensorRT 8.x needs explicit batch asked for
+        flags = 1 << int(creation.EXPLICIT_BATCH)
+    if strongly and major < 11:                             # 11: always on, the flag deprecated and ignored
+        flags |= 1 << int(creation.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):          # reads <file>.data beside it
@@ -47,7 +69,7 @@ def build_engine(onnx_path: Path, key: EngineKey, timing_cache: Path) -> bytes:
                            f"(older TensorRT: export with --opset 17, see README's Jetson notes)")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, key.workspace)
-    for flag in key.flags:
+    for flag in () if strongly else key.flags:
         config.set_flag({"fp16": trt.BuilderFlag.FP16, "int8": trt.BuilderFlag.INT8}[flag])
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -66,8 +88,9 @@ def build_engine(onnx_path: Path, key: EngineKey, timing_cache: Path) -> bytes:
 
 def build_engines(bundle: Path, manifest: Manifest, cache: Path | None = None, batches=(1, 2),
                   dynamic: bool = False, workspace: int = WORKSPACE_BYTES, force: bool = False,
-                  progress=lambda s: None) -> dict[str, Path]:
-    """Build (or reuse) an engine per ENGINE_COMPONENTS component for this GPU; returns the plan paths."""
+                  progress=lambda s: None, strongly_typed: bool = False) -> dict[str, Path]:
+    """Build (or reuse) an engine per ENGINE_COMPONENTS component for this GPU; returns the plan paths.
+    `strongly_typed`: strongly typed engines where TensorRT still builds both (10); 11 builds nothing else."""
     if manifest.extra.get("fused_attention"):
         raise NsdedgeError(f"{bundle} was exported for onnxruntime (its attention is com.microsoft.MultiHeadAttention, "
                            f"which TensorRT's parser does not know): export it with --target tensorrt for engines")
@@ -75,7 +98,7 @@ def build_engines(bundle: Path, manifest: Manifest, cache: Path | None = None, b
     cache = Path(cache or Path(bundle) / ENGINES)
     out = {}
     for comp in [c for c in manifest.components if c.removesuffix("_fp32") in ENGINE_COMPONENTS]:
-        key = engine_key(manifest, comp, device, batches, dynamic, workspace)
+        key = engine_key(manifest, comp, device, batches, dynamic, workspace, strongly_typed)
         why = check_engine(cache, key)
         if why is None and not force:
             progress(f"{comp}: engine up to date")

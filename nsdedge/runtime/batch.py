@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 RUN_RECORD = "nsdedge-run.json"
 RECORD_FORMAT = "nsdedge-run"
 RECORD_VERSION = 1
+LOW_MEMORY_CHUNK = 32              # low memory: trials denoised with the UNet loaded, then decoded with the VAE loaded
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class Progress:
     skipped: int                    # images already in the output directory, left as they were
     step: int = 0                   # denoising steps done of the current image
     steps: int = 0
+    denoised: int = 0               # images denoised in this run (low memory: ahead of `done` by up to a chunk)
 
 
 @dataclass
@@ -246,22 +248,40 @@ def reconstruct(bundle: str | Path | Reconstructor, voxels: str | Path | Trials,
         if progress:
             progress(state)
 
+    def write(i: int, image: np.ndarray) -> None:
+        nonlocal resumed
+        targets[i].parent.mkdir(parents=True, exist_ok=True)
+        if record is not None and not resumed:         # with the first image: a failed start leaves nothing
+            with atomic_writer(out / RUN_RECORD) as f:
+                f.write(json_text(record).encode())
+            resumed = True
+        _png(targets[i], image)
+        result.written.append(targets[i])
+        state.done, state.step = state.done + 1, 0
+        state.denoised = max(state.denoised, state.done)
+        if progress:
+            progress(state)
+
+    run = dict(steps=settings.steps, guidance=settings.guidance, ip_scale=settings.ip_scale,
+               scheduler=settings.scheduler, callback=step)
     try:
-        for i in todo:
-            tokens = rec.decode(x[i:i + 1], subject, name=str(tr.path))
-            image = rec.generate(tokens, steps=settings.steps, guidance=settings.guidance, ip_scale=settings.ip_scale,
-                                 scheduler=settings.scheduler, seed=settings.seed + tr.rows[i], vae=settings.vae,
-                                 callback=step)
-            targets[i].parent.mkdir(parents=True, exist_ok=True)
-            if record is not None and not resumed:     # with the first image: a failed start leaves nothing
-                with atomic_writer(out / RUN_RECORD) as f:
-                    f.write(json_text(record).encode())
-                resumed = True
-            _png(targets[i], image[0])
-            result.written.append(targets[i])
-            state.done, state.step = state.done + 1, 0
-            if progress:
-                progress(state)
+        if not rec.low_memory:                          # every graph open: one trial after another, end to end
+            for i in todo:
+                tokens = rec.decode(x[i:i + 1], subject, name=str(tr.path))
+                write(i, rec.generate(tokens, seed=settings.seed + tr.rows[i], vae=settings.vae, **run)[0])
+        else:                                           # stage-major: each graph loaded once per chunk of trials
+            for start in range(0, len(todo), LOW_MEMORY_CHUNK):
+                chunk = todo[start:start + LOW_MEMORY_CHUNK]
+                with rec.keep(rec.manifest.subjects[subject]):   # row by row, as above: the same bytes
+                    tokens = np.concatenate([rec.decode(x[i:i + 1], subject, name=str(tr.path)) for i in chunk])
+                latents = []
+                with rec.keep("unet"):
+                    for j, i in enumerate(chunk):
+                        latents.append(rec.denoise(tokens[j:j + 1], seed=settings.seed + tr.rows[i], **run))
+                        state.denoised, state.step = state.denoised + 1, 0
+                with rec.keep(VAES[settings.vae]):
+                    for i, z in zip(chunk, latents):
+                        write(i, rec.decode_latents(z, vae=settings.vae)[0])
     except OSError as e:
         raise NsdedgeError(f"{e.filename or out}: cannot write ({e.strerror})") from None
     return result

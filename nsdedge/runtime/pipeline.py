@@ -13,6 +13,7 @@ guidance 1, the tiny VAE), else from DEFAULTS.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Callable
@@ -39,7 +40,7 @@ Observer = Callable[[str, dict, dict], None]
 
 class Reconstructor:
     """A bundle, ready to run. `provider`: auto | cpu | cuda | tensorrt | engine (session.py).
-    `low_memory`: one graph loaded at a time."""
+    `low_memory`: one graph loaded at a time (a batch then runs stage by stage: see keep())."""
 
     def __init__(self, bundle: str | Path, provider: str = "auto", *, verify: bool = True,
                  low_memory: bool = False, threads: int | None = None, observer: Observer | None = None,
@@ -53,6 +54,7 @@ class Reconstructor:
         self.threads = threads
         self.observer = observer
         self._sessions: dict[str, Backend] = {}
+        self._kept: set[str] = set()
         try:
             with np.load(self.path / CONSTANTS, allow_pickle=False) as c:
                 self.prompt_embeds = c["prompt_embeds"].astype(np.float32)            # (1, 77, 768)
@@ -64,19 +66,35 @@ class Reconstructor:
 
     # -- sessions -----------------------------------------------------------------------------------
     def session(self, component: str) -> Backend:
-        """The graph of `component` on this provider, opened on first use (low memory: only it stays open)."""
+        """The graph of `component` on this provider, opened on first use (low memory: only it, and the graphs
+        kept, stay open)."""
         if component not in self._sessions:
             if self.low_memory:
-                self._sessions.clear()
+                for name in [c for c in self._sessions if c not in self._kept]:
+                    del self._sessions[name]
             self._sessions[component] = open_session(
                 self.path, component, self.provider, manifest=self.manifest, low_memory=self.low_memory,
                 threads=self.threads, engine_cache=self.engine_cache, engine_batches=self.engine_batches)
         return self._sessions[component]
 
     def release(self, component: str) -> None:
-        """Low memory: close `component`'s graph after its stage. Otherwise graphs stay open for the next image."""
-        if self.low_memory:
+        """Low memory: close `component`'s graph after its stage, unless it is kept. Otherwise graphs stay open."""
+        if self.low_memory and component not in self._kept:
             self._sessions.pop(component, None)
+
+    @contextlib.contextmanager
+    def keep(self, *components: str):
+        """Within the block, `components` stay open between calls even in low-memory mode, and close after it:
+        a batch runs stage-major (every trial's UNet loop with the UNet loaded, then every decode with the VAE
+        loaded) instead of loading each graph once per image."""
+        before = set(self._kept)
+        self._kept |= set(components)
+        try:
+            yield self
+        finally:
+            self._kept = before
+            for c in components:
+                self.release(c)
 
     # -- subjects and decoding ----------------------------------------------------------------------
     @property

@@ -21,15 +21,16 @@ import numpy as np
 
 from ..bundle import ENGINES, Manifest, read_manifest
 from ..errors import ProviderError
-from .ort_session import ORT_PROVIDERS, OrtSession, cuda_options, onnxruntime, tensorrt_options
+from .ort_session import ORT_PROVIDERS, OrtSession, cuda_options, onnxruntime, probe, tensorrt_options
 
 log = logging.getLogger(__name__)
 
 ENGINE = "engine"              # native TensorRT engines from `nsdedge build-engines`
 PROVIDER_NAMES = ("auto", *ORT_PROVIDERS, ENGINE)
 AUTO_ORDER = ("cuda", "cpu")   # tensorrt only when asked: it builds engines on first use (minutes)
+_WARNED: set[str] = set()
 
-__all__ = ["Backend", "ENGINE", "PROVIDER_NAMES", "available", "resolve", "open_session", "open_graph",
+__all__ = ["Backend", "ENGINE", "PROVIDER_NAMES", "available", "probe", "resolve", "open_session", "open_graph",
            "cuda_options", "tensorrt_options", "Session"]
 
 
@@ -50,28 +51,33 @@ class Backend(Protocol):
 
 
 def available() -> list[str]:
-    """nsdedge provider names onnxruntime offers here (compiled in; whether they start is another matter)."""
-    offered = set(onnxruntime().get_available_providers())
-    return [name for name, ep in ORT_PROVIDERS.items() if ep in offered]
+    """nsdedge provider names onnxruntime can start here: probed (a one-node graph opened with the provider alone),
+    not read off get_available_providers(), which lists whatever was compiled in."""
+    return [name for name in ORT_PROVIDERS if probe(name) is None]
 
 
 def resolve(provider: str) -> str:
-    """'auto' -> the best available; a named provider that is missing is an error, never a silent fallback."""
+    """'auto' -> the best provider that starts (said in the log); a named provider that cannot start is an error
+    naming what is missing, never a silent fallback."""
     if provider == ENGINE:
         from .trt_engine import require_cudart, require_tensorrt
 
         require_tensorrt(), require_cudart()     # ProviderError with the install line when either is missing
         return ENGINE
     if provider == "auto":
-        have = available()
-        return next(p for p in AUTO_ORDER if p in have or p == "cpu")
+        for p in AUTO_ORDER:
+            why = probe(p)
+            if why is None:
+                log.info("provider auto: %s", p)
+                return p
+            if p not in _WARNED and ORT_PROVIDERS[p] in onnxruntime().get_available_providers():
+                _WARNED.add(p)                   # installed for it, yet it cannot start: said once per process
+                log.warning("provider auto: not %s (%s)", p, why)
     if provider not in ORT_PROVIDERS:
         raise ProviderError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDER_NAMES)})")
-    if provider not in available():
-        ort = onnxruntime()
-        raise ProviderError(f"provider {provider!r} is not available in this onnxruntime {ort.__version__} "
-                            f"(it offers {', '.join(ort.get_available_providers())}); install nsdedge[gpu] for "
-                            f"cuda and tensorrt, or use --provider cpu")
+    why = probe(provider)
+    if why is not None:
+        raise ProviderError(f"provider {provider!r} is not available here: {why}; or use --provider cpu")
     return provider
 
 
@@ -91,7 +97,8 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
 
     `manifest`: the bundle's, if already read (else read without hashing). `file`: another graph file in the
     bundle's folder standing in for the component's own (quantization compares a converted graph with it).
-    `low_memory`: provider settings for small devices (the CUDA arena grows only as asked).
+    `low_memory`: provider settings for small devices (heuristic cuDNN search, no CUDA graph, an arena of the
+    graph's own that is freed with it); otherwise graphs on CUDA share one arena.
     `engine_cache` / `engine_batches`: where native engines live and which profiles they were built for.
     `profile`: a file prefix for onnxruntime's profiler (benchmarks/profile_unet.py)."""
     bundle = Path(bundle)
@@ -99,15 +106,19 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
     provider = resolve(provider)
     path = bundle / (file or manifest.components[component].file)
     if provider == ENGINE:
-        from .trt_engine import ENGINE_COMPONENTS, EngineSession, engine_key, this_device
+        from .trt_engine import ENGINE_COMPONENTS, EngineSession, check_engine, engine_key, this_device
 
         if component.removesuffix("_fp32") in ENGINE_COMPONENTS:
             if file or profile:
                 raise ProviderError(f"{component}: a native engine is built from the bundle's own graph and has no "
                                     f"onnxruntime profiler; file= and profile= need an onnxruntime provider")
+            cache = Path(engine_cache) if engine_cache else bundle / ENGINES
             key = engine_key(manifest, component, this_device(), engine_batches)
-            return EngineSession(Path(engine_cache) if engine_cache else bundle / ENGINES, key)
-        provider = "cuda" if "cuda" in available() else "cpu"      # decoders are one GEMM: onnxruntime runs them
+            typed = engine_key(manifest, component, this_device(), engine_batches, strongly_typed=True)
+            if check_engine(cache, key) is not None and check_engine(cache, typed) is None:
+                key = typed                      # built with build-engines --strongly-typed
+            return EngineSession(cache, key)
+        provider = "cuda" if probe("cuda") is None else "cpu"      # decoders are one GEMM: onnxruntime runs them
     options = None
     if provider == "tensorrt":
         if manifest.extra.get("fused_attention") and component == "unet":
@@ -116,8 +127,10 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
         cache = (Path(engine_cache) if engine_cache else bundle / ENGINES) / "onnxruntime-trt"
         options = tensorrt_options(manifest, component, cache)
     elif provider == "cuda":
-        options = cuda_options(low_memory)
-    return OrtSession(path, provider, threads=threads, provider_options=options, profile=profile)
+        # the UNet runs the same shapes every step: one captured CUDA graph per batch size replays it
+        options = cuda_options(low_memory, cuda_graph=component == "unet" and not low_memory and not profile)
+    return OrtSession(path, provider, threads=threads, provider_options=options, profile=profile,
+                      shared_arena=not low_memory)
 
 
 # Names of earlier releases, kept for their callers.

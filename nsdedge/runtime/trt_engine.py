@@ -47,6 +47,12 @@ class Device:
         slug = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-")
         return f"{slug}_sm{self.compute_capability.replace('.', '')}_trt{self.tensorrt}"
 
+    @property
+    def strongly_typed(self) -> bool:
+        """Whether its TensorRT builds only strongly typed networks: 11 removed BuilderFlag.FP16 / INT8 (and weak
+        typing with them), so precision comes from the graph's own tensor types and int8 from its Q/DQ nodes."""
+        return int(self.tensorrt.split(".")[0]) >= 11
+
 
 @dataclass(frozen=True)
 class EngineKey:
@@ -56,7 +62,7 @@ class EngineKey:
     profiles: tuple                               # ((input, min, opt, max), ...) per optimization profile
     workspace: int
     device: Device
-    flags: tuple = field(default=())              # builder flags: "fp16", "int8"
+    flags: tuple = field(default=())              # builder flags: "fp16", "int8"; or "strongly-typed" alone
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.as_json(), sort_keys=True).encode()).hexdigest()[:16]
@@ -72,9 +78,12 @@ def list_or_str(x):
     return x if isinstance(x, str) else list(x)
 
 
-def builder_flags(precision: str) -> tuple[str, ...]:
-    """fp16 bundles build fp16; int8 (explicit Q/DQ) bundles allow int8 where the graph says, fp16 elsewhere."""
-    return {"fp32": (), "fp16": ("fp16",), "int8": ("fp16", "int8")}[precision]
+def builder_flags(precision: str, strongly_typed: bool = False) -> tuple[str, ...]:
+    """Weakly typed: fp16 bundles build fp16; int8 (explicit Q/DQ) bundles allow int8 where the graph says, fp16
+    elsewhere. Strongly typed: no precision flag (TensorRT refuses them there), the graph's own types decide; the
+    key says so, since the same graph builds another engine either way."""
+    flags = {"fp32": (), "fp16": ("fp16",), "int8": ("fp16", "int8")}[precision]
+    return ("strongly-typed",) if strongly_typed else flags
 
 
 # -- shapes -------------------------------------------------------------------------------------------------
@@ -130,13 +139,15 @@ def pick_profile(key: EngineKey, shapes: dict[str, tuple[int, ...]]) -> int:
 
 # -- the cache ----------------------------------------------------------------------------------------------
 def engine_key(manifest: Manifest, component: str, device: Device, batches=(1, 2), dynamic: bool = False,
-               workspace: int = WORKSPACE_BYTES) -> EngineKey:
+               workspace: int = WORKSPACE_BYTES, strongly_typed: bool | None = None) -> EngineKey:
+    """`strongly_typed`: True asks for a strongly typed network where TensorRT still offers both (10); None or
+    False: precision flags there. The device's TensorRT decides where it has no choice (11 and later)."""
     comp = manifest.components[component]
     digest = hashlib.sha256("".join(manifest.files[f]["sha256"] for f in [comp.file, *comp.data_files])
                             .encode()).hexdigest()
     return EngineKey(component=component, graph_sha256=digest, precision=comp.precision,
                      profiles=profile_shapes(manifest, component, batches, dynamic), workspace=workspace,
-                     device=device, flags=builder_flags(comp.precision))
+                     device=device, flags=builder_flags(comp.precision, bool(strongly_typed) or device.strongly_typed))
 
 
 def engine_paths(cache: Path, key: EngineKey) -> tuple[Path, Path]:
@@ -181,11 +192,15 @@ def require_tensorrt():
 
 
 def require_cudart():
+    """cuda-python's runtime API: cuda.bindings.runtime since cuda-python 12.6.1 (13 removed `from cuda import
+    cudart`); the old path only where cuda.bindings is missing, so a broken new install says what broke."""
     try:
-        from cuda.bindings import runtime as cudart        # cuda-python >= 12.6
-    except ImportError:
+        from cuda.bindings import runtime as cudart
+    except ImportError as e:
+        if not isinstance(e, ModuleNotFoundError) or e.name not in ("cuda", "cuda.bindings"):
+            raise ProviderError(f"cuda-python is installed but its runtime API does not load: {e}") from None
         try:
-            from cuda import cudart                          # older cuda-python
+            from cuda import cudart  # cuda-python < 12.6.1
         except ImportError:
             raise ProviderError("TensorRT engines need cuda-python for device buffers: "
                                 "pip install 'nsdedge[trt]'") from None
@@ -281,6 +296,9 @@ class EngineSession:
             self._constant_shapes = {}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.inputs if n not in feeds and n not in self.constants]
+        if missing:                                         # before the profile is picked by their shapes
+            raise ProviderError(f"{self.key.component}: inputs not fed: {', '.join(missing)}")
         shapes = {n: tuple(np.shape(feeds[n])) for n in feeds}
         shapes.update({n: s for n, s in self._constant_shapes.items() if n not in shapes})
         idx = pick_profile(self.key, shapes)
@@ -290,8 +308,6 @@ class EngineSession:
         for name in self.inputs:
             if name in feeds:
                 self._upload(name, feeds[name])
-            elif name not in self.constants:
-                raise ProviderError(f"{self.key.component}: input {name} not fed")
             self.context.set_input_shape(name, shapes[name])
             self.context.set_tensor_address(name, self.buffers[name][0])
         results = {}

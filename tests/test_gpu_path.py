@@ -1,0 +1,173 @@
+"""The GPU path, as far as it can be checked without a GPU: providers probed (not read off the compiled-in list),
+device-buffer runs (what CUDA graphs replay) on the CPU provider, and low memory running a batch stage by stage."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from nsdedge.errors import ProviderError
+from nsdedge.runtime import Reconstructor, ort_session, pipeline
+from nsdedge.runtime.batch import reconstruct
+from nsdedge.runtime.ort_session import PROBE_MODEL, OrtSession
+from nsdedge.runtime.session import available, resolve
+from tests.conftest import run_cli
+
+
+def fake_onnxruntime(starts: set[str], error: str = "libnvinfer.so.10: cannot open shared object file"):
+    """onnxruntime as a GPU wheel looks on a machine where only the providers in `starts` load their libraries."""
+    import onnxruntime as real
+
+    class InferenceSession:
+        def __init__(self, model, opts, providers):
+            ep = providers[0] if isinstance(providers[0], str) else providers[0][0]
+            assert model == PROBE_MODEL and len(providers) == 1           # the probe: that provider alone
+            if ep not in starts:
+                raise RuntimeError(f"Failed to create {ep}: {error}\nmore lines of log")
+            self.ep = ep
+
+        def run(self, outputs, feeds):
+            return [np.maximum(feeds["x"], 0)]
+
+        def get_providers(self):
+            return [self.ep, "CPUExecutionProvider"]
+
+    return types.SimpleNamespace(
+        __version__="1.31.1", __file__="/nonexistent/onnxruntime/__init__.py", SessionOptions=real.SessionOptions,
+        InferenceSession=InferenceSession,
+        get_available_providers=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+@pytest.fixture
+def gpu_wheel(monkeypatch):
+    def install(starts: set[str]):
+        monkeypatch.setattr(ort_session, "_PROBED", {})
+        monkeypatch.setattr(ort_session, "onnxruntime", lambda: fake_onnxruntime(starts))
+    return install
+
+
+def test_a_compiled_in_provider_that_cannot_start_is_not_available(gpu_wheel):
+    gpu_wheel({"CUDAExecutionProvider"})                  # CUDA loads; TensorRT's libnvinfer is missing
+    assert available() == ["cpu", "cuda"]
+    assert resolve("auto") == "cuda" and resolve("cuda") == "cuda"
+    with pytest.raises(ProviderError) as e:
+        resolve("tensorrt")
+    msg = str(e.value)
+    assert "TensorrtExecutionProvider does not start" in msg and "libnvinfer.so.10" in msg and "\n" not in msg
+    # nothing starts but the CPU: auto says cpu, a named GPU provider is an error naming what is missing
+    gpu_wheel(set())
+    assert resolve("auto") == "cpu" and available() == ["cpu"]
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider does not start"):
+        resolve("cuda")
+
+
+def test_probe_is_cached_per_process(gpu_wheel, monkeypatch):
+    gpu_wheel({"CUDAExecutionProvider"})
+    assert ort_session.probe("cuda") is None
+    monkeypatch.setattr(ort_session, "onnxruntime", lambda: pytest.fail("probed twice"))
+    assert ort_session.probe("cuda") is None and ort_session.probe("cpu") is None
+
+
+def test_probe_model_is_a_valid_onnx_graph():
+    onnx = pytest.importorskip("onnx")
+    m = onnx.load_from_string(PROBE_MODEL)
+    onnx.checker.check_model(m, full_check=True)
+    s = OrtSession(PROBE_MODEL, "cpu")
+    x = np.linspace(-1, 1, 8, dtype=np.float32)[None]
+    np.testing.assert_array_equal(s.run({"x": x})["y"], np.maximum(x, 0))
+
+
+def test_a_gpu_provider_here_is_a_one_line_error(trial, tiny_bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    if "cuda" in available():
+        pytest.skip("CUDA starts here")
+    r = run_cli("run", "--voxels", str(trial), "--bundle", str(tiny_bundle), "--provider", "cuda",
+                "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and r.stderr.startswith("error: provider 'cuda' is not available")
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+def test_device_buffers_give_the_same_outputs_and_never_stale_constants(tiny_bundle):
+    """The CUDA path keeps every input in a buffer per set of shapes, updated in place (what a captured CUDA graph
+    replays); on the CPU provider the same code runs with CPU buffers."""
+    plain = OrtSession(tiny_bundle / "unet.onnx", "cpu")
+    dev = OrtSession(tiny_bundle / "unet.onnx", "cpu")
+    dev.device_io = True
+    rng = np.random.default_rng(0)
+
+    def constants(b):
+        return {"encoder_hidden_states": rng.standard_normal((b, 77, 768), dtype=np.float32),
+                "ip_tokens": rng.standard_normal((b, 16, 768), dtype=np.float32),
+                "ip_scale": np.array([0.7], np.float32)}
+
+    for b in (2, 1, 2):                                   # a new block of the same shapes reuses the slot
+        const = constants(b)
+        with dev.bound(const):
+            for t in (900.0, 100.0):
+                step = {"sample": rng.standard_normal((b, 4, 32, 32), dtype=np.float32),
+                        "timestep": np.array([t], np.float32)}
+                np.testing.assert_array_equal(dev.run(step)["noise_pred"],
+                                              plain.run({**const, **step})["noise_pred"])
+    assert len(dev._slots) == 2                            # one per batch size
+
+
+def _count_opens(monkeypatch) -> list[str]:
+    opened = []
+    real = pipeline.open_session
+
+    def counting(bundle, component, *a, **kw):
+        opened.append(component)
+        return real(bundle, component, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "open_session", counting)
+    return opened
+
+
+def test_low_memory_runs_a_batch_stage_major_with_the_same_bytes(tiny_bundle, tmp_path, monkeypatch):
+    x = np.random.default_rng(3).standard_normal((5, 256)).astype(np.float32)
+    np.save(tmp_path / "v.npy", x)
+    normal = reconstruct(Reconstructor(tiny_bundle, "cpu"), tmp_path / "v.npy", tmp_path / "normal", steps=3)
+    opened = _count_opens(monkeypatch)
+    monkeypatch.setattr("nsdedge.runtime.batch.LOW_MEMORY_CHUNK", 3)
+    seen = []
+    lean = Reconstructor(tiny_bundle, "cpu", low_memory=True)
+    reconstruct(lean, tmp_path / "v.npy", tmp_path / "lean", steps=3,
+                progress=lambda p: seen.append(max(p.done, p.denoised) * p.steps + p.step))
+    # two chunks (3 + 2 trials): decoder, UNet and VAE opened once per chunk, never once per image
+    assert opened == ["decoder-subj01", "unet", "vae_decoder"] * 2
+    assert lean._sessions == {}                           # nothing left open after the batch
+    assert seen == sorted(seen) and seen[-1] == 5 * 3     # the progress bar only moves forward
+    for a, b in zip(normal.written, sorted((tmp_path / "lean").glob("*.png"))):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()
+
+
+def test_keep_holds_a_graph_open_in_low_memory_only_within_the_block(tiny_bundle, monkeypatch):
+    opened = _count_opens(monkeypatch)
+    rec = Reconstructor(tiny_bundle, "cpu", low_memory=True)
+    tokens = rec.decode(np.zeros((2, 256), np.float32))
+    with rec.keep("unet"):
+        rec.denoise(tokens[:1], steps=2)
+        rec.denoise(tokens[1:], steps=2)
+        assert "unet" in rec._sessions
+    assert "unet" not in rec._sessions
+    assert opened.count("unet") == 1
+
+
+# -- on a GPU -----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_low_memory_and_cuda_graphs_match_the_cpu(tiny_bundle, tmp_path):
+    from nsdedge.runtime.session import probe
+
+    pytest.importorskip("onnxruntime")
+    if probe("cuda") is not None:
+        pytest.skip(probe("cuda"))
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    cpu = Reconstructor(tiny_bundle, "cpu")(x, steps=4)
+    cuda = Reconstructor(tiny_bundle, "cuda")
+    assert cuda.session("unet").cuda_graph                 # captured, not silently run node by node
+    for _ in range(2):                                     # the second call replays the captured graphs
+        assert np.abs(cuda(x, steps=4).astype(int) - cpu.astype(int)).max() <= 3
+    lean = Reconstructor(tiny_bundle, "cuda", low_memory=True)(x, steps=4)
+    assert np.abs(lean.astype(int) - cpu.astype(int)).max() <= 3
