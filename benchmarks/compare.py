@@ -80,7 +80,7 @@ def side_bundle(a, precision: str) -> dict:
 
     bundle = Path(a.workdir) / f"bundle-{precision}"
     t0 = time.perf_counter()
-    rec = Reconstructor(bundle, provider="cpu", verify=False)
+    rec = Reconstructor(bundle, provider="auto" if precision.startswith("ov-") else "cpu", verify=False)
     inputs = np.load(Path(a.workdir) / "inputs.npz")
     rec.generate(inputs["tokens"], steps=1, guidance=a.guidance, latents=inputs["latents"])   # loads + warm-up
     load_warm = time.perf_counter() - t0
@@ -88,9 +88,14 @@ def side_bundle(a, precision: str) -> dict:
     img = rec.generate(inputs["tokens"], steps=a.steps, guidance=a.guidance, latents=inputs["latents"])
     e2e = time.perf_counter() - t
     np.save(Path(a.workdir) / f"{precision}.npy", img)
-    import onnxruntime as ort
+    if rec.provider == "openvino":
+        import openvino
+        engine = {"openvino": openvino.__version__}
+    else:
+        import onnxruntime
+        engine = {"onnxruntime": onnxruntime.__version__}
     return {"side": f"nsdedge-{precision}", "load_and_warmup_s": load_warm, "e2e_s": e2e,
-            "peak_rss_mb": peak_rss_mb(), "onnxruntime": ort.__version__}
+            "peak_rss_mb": peak_rss_mb(), **engine}
 
 
 # -- on a GPU --------------------------------------------------------------------------------------------------
@@ -235,7 +240,7 @@ def main_cuda(a) -> None:
     prepare(a, precisions)
     if a.batch:
         from nsdedge.runtime import Reconstructor
-        v = Reconstructor(work / f"bundle-{precisions[0]}", "cpu", verify=False).subjects["synth01"]
+        v = Reconstructor(work / f"bundle-{precisions[0]}", "auto", verify=False).subjects["synth01"]
         np.save(work / "voxels-batch.npy", np.random.default_rng(1).standard_normal((a.batch, v)).astype(np.float32))
     sides = a.sides.split(",") if a.sides else (
         ["diffusers-fp16", *[p for p in precisions], "diffusers-fp32", "diffusers-fp16-compile"] +
@@ -297,13 +302,15 @@ def preset_sources(w: Path):
                         {"synth01": w / "decoder-synth01.safetensors"})
 
 
-def derive(fp32: Path, out: Path, precision: str) -> None:
+def derive(fp32: Path, out: Path, precision: str, target: str = "onnx", int8_recipe: str = "weights",
+           calibration_voxels: Path | None = None) -> None:
     """An fp16 / int8 bundle converted from an exported fp32 one (as export does after its own fp32 pass), without
-    tracing the models again: the same graphs, so the same bundle, minutes sooner."""
+    tracing the models again: the same graphs, so the same bundle, minutes sooner. target openvino: IR converted
+    from the fp32 ONNX graphs (fused attention included, which OpenVINO >= 2026.3 reads)."""
     import shutil
 
     from nsdedge.bundle import BundleWriter, read_manifest
-    from nsdedge.export.quantize import quantize_bundle
+    from nsdedge.export.quantize import INT8_OP_CHOICES, quantize_bundle
 
     print(f"converting {fp32.name} to {precision}", file=sys.stderr, flush=True)
     t = time.perf_counter()
@@ -312,7 +319,10 @@ def derive(fp32: Path, out: Path, precision: str) -> None:
         for f in manifest.files:
             shutil.copy2(fp32 / f, w.tmp / f)
         manifest.precision = precision
-        quantize_bundle(w, manifest, precision, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+        manifest.extra["target"] = target
+        quantize_bundle(w, manifest, precision, target=target, int8_ops=INT8_OP_CHOICES["matmul+conv-weights"],
+                        int8_recipe=int8_recipe, calibration_voxels=calibration_voxels,
+                        progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
         w.commit(manifest)
     print(f"  {precision} from fp32 {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
 
@@ -327,10 +337,24 @@ def prepare(a, precisions: list[str]) -> None:
     if not (w / "sd15" / "model_index.json").exists():
         print("saving sd15-random weights", file=sys.stderr, flush=True)
         save_weights(build_preset(a.preset, seed=0), w)
+    derived_from_fp32 = [p for p in precisions if p in ("fp16", "int8") or p.startswith("ov-")]
+    if derived_from_fp32 and "fp32" not in precisions:
+        precisions = ["fp32", *precisions]                # the one traced export the others are converted from
+    precisions = sorted(precisions, key=lambda p: p != "fp32")
     for p in precisions:
-        if p == "fp16" and (work / "bundle-fp32" / "manifest.json").exists() and \
-                not (work / "bundle-fp16" / "manifest.json").exists():
-            derive(work / "bundle-fp32", work / "bundle-fp16", "fp16")
+        # ov-fp32 | ov-bf16 | ov-int8 | ov-int8-full: OpenVINO IR (int8-full: NNCF's full recipe, calibrated on 4
+        # standard-normal trials of the synthetic subject, the last 2 held out for the fidelity report)
+        derived = p in ("fp16", "int8") or p.startswith("ov-")
+        if derived and (work / "bundle-fp32" / "manifest.json").exists() and \
+                not (work / f"bundle-{p}" / "manifest.json").exists():
+            calib = None
+            if p == "ov-int8-full":
+                from nsdedge.bundle import read_manifest
+                v = int(read_manifest(work / "bundle-fp32").components["decoder-synth01"].extra["voxels"])
+                calib = work / "calibration-voxels.npy"
+                np.save(calib, np.random.default_rng(7).standard_normal((4, v)).astype(np.float32))
+            derive(work / "bundle-fp32", work / f"bundle-{p}", p.removeprefix("ov-").removesuffix("-full"),
+                   "openvino" if p.startswith("ov-") else "onnx", "full" if p.endswith("-full") else "weights", calib)
         if not (work / f"bundle-{p}" / "manifest.json").exists():
             print(f"exporting {p} bundle", file=sys.stderr, flush=True)
             t = time.perf_counter()
@@ -342,7 +366,7 @@ def prepare(a, precisions: list[str]) -> None:
             print(f"  {p} export {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     if not (work / "inputs.npz").exists():
         from nsdedge.runtime import Reconstructor
-        rec = Reconstructor(work / f"bundle-{precisions[0]}", "cpu", verify=False)
+        rec = Reconstructor(work / f"bundle-{precisions[0]}", "auto", verify=False)
         voxels = np.random.default_rng(0).standard_normal((1, rec.subjects["synth01"])).astype(np.float32)
         np.savez(work / "inputs.npz", tokens=rec.decode(voxels, "synth01"), uncond=rec.uncond_tokens,
                  latents=rec.initial_latents(1, seed=0), prompt=rec.manifest.prompt,
@@ -374,7 +398,8 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/nsdedge-compare")
-    ap.add_argument("--precisions", default="fp32,int8", help="bundles to compare: fp32, fp16, int8, int8+conv")
+    ap.add_argument("--precisions", default="fp32,int8",
+                    help="bundles to compare: fp32, fp16, int8, int8+conv; ov-fp32, ov-bf16, ov-int8 (OpenVINO)")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.5)
@@ -384,6 +409,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="cuda: also an N-trial batch, normal and low-memory")
     ap.add_argument("--sides", help="cuda: sides to run, in order (default: all)")
     ap.add_argument("--results", help="cuda: folder for cuda-compare.json (default benchmarks/results)")
+    ap.add_argument("--tag", default="", help="cpu: results/<machine>-TAG.json")
     ap.add_argument("--prepare-only", action="store_true", help="save the weights, export the bundles, stop")
     ap.add_argument("--preset", default="sd15-random", help=argparse.SUPPRESS)      # tiny: a dry run of the script
     ap.add_argument("--provider", default="cuda", help=argparse.SUPPRESS)          # cpu: a dry run without a GPU
@@ -433,12 +459,14 @@ def main() -> None:
     for p in precisions:
         img = np.load(work / f"{p}.npy").astype(int)
         ratios[f"nsdedge-{p}"]["max_abs_pixel_diff_vs_diffusers"] = int(np.abs(img - ref).max())
-    result = {"machine": machine_name(), "resolution": a.resolution, "steps": a.steps, "guidance": a.guidance,
+    from nsdedge.bench import cpu_flags, cpu_name
+    result = {"machine": machine_name(), "cpu": cpu_name(), "cpu_flags": cpu_flags(), "resolution": a.resolution,
+              "steps": a.steps, "guidance": a.guidance,
               "scheduler": "ddim", "rounds": a.rounds, "command": " ".join(sys.argv), "median": median,
               "sizes_mb": sizes, "ratios": ratios, "runs": runs,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out = HERE / "results" / f"{result['machine']}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(a.results or HERE / "results") / f"{result['machine']}{'-' + a.tag if a.tag else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     print(f"{'side':<18}{'s/image':>10}{'speed-up':>10}{'peak RSS MB':>13}{'RSS ratio':>11}{'disk ratio':>11}")

@@ -27,17 +27,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from compare import machine_name, preset_sources  # noqa: E402
 
-from nsdedge.bench import cpu_name, peak_rss_mb  # noqa: E402
+from nsdedge.bench import cpu_flags, cpu_name, peak_rss_mb  # noqa: E402
 
 STEPS, GUIDANCE = 4, 1.0                      # LCM-LoRA's few-step setting
-
-
-def cpu_flags() -> list[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return sorted(have & {"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx2"})
-    return []
 
 
 def timed_images(make, n: int) -> tuple[list[float], object]:

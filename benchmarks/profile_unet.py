@@ -1,6 +1,7 @@
-"""Where a UNet step goes: onnxruntime's profiler over one call of a bundle's UNet, summed per op type.
+"""Where a UNet step goes: onnxruntime's profiler (or OpenVINO's per-node counters) over one call of a bundle's
+UNet, summed per op type.
 
-    python benchmarks/profile_unet.py BUNDLE [--batch 2] [--runs 2]
+    python benchmarks/profile_unet.py BUNDLE [--batch 2] [--runs 2] [--provider cpu|openvino]
 
 Opens the graph through nsdedge's one seam (runtime/session.py, the runtime's CPU settings) with profiling on,
 discards the first (warm-up) call, and prints the share of node time per op type for the last one.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,9 +29,11 @@ def main() -> None:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--provider", default="auto", help="cpu (onnxruntime) or openvino; auto: the bundle's")
     a = ap.parse_args()
     m = read_manifest(a.bundle, verify=False)
-    sess = open_session(a.bundle, "unet", "cpu", manifest=m, profile="/tmp/nsdedge-unet-profile")
+    provider = a.provider if a.provider != "auto" else "openvino" if m.extra.get("target") == "openvino" else "cpu"
+    sess = open_session(a.bundle, "unet", provider, manifest=m, profile="/tmp/nsdedge-unet-profile")
     h, w = m.latent_size
     rng = np.random.default_rng(0)
     b = a.batch
@@ -38,7 +42,17 @@ def main() -> None:
              "encoder_hidden_states": rng.standard_normal((b, 77, 768), dtype=np.float32),
              "ip_tokens": rng.standard_normal((b, 16, 768), dtype=np.float32), "ip_scale": np.array([1.0], np.float32)}
     for _ in range(a.runs):
+        t = time.perf_counter()
         sess.run(feeds)
+        step = time.perf_counter() - t
+    if provider == "openvino":
+        per_type = sess.profile_by_type()
+        total = sum(per_type.values())
+        print(f"{a.bundle} ({m.precision}, OpenVINO {sess.hint}), batch {b}: step {step:.2f} s, "
+              f"node time {total:.2f} s")
+        for op, s in sorted(per_type.items(), key=lambda kv: -kv[1])[:14]:
+            print(f"  {op:<48}{s:8.2f} s {100 * s / total:5.1f} %")
+        return
     trace = json.loads(sess.end_profiling().read_text())
     runs = [e for e in trace if e.get("name") == "model_run"]
     last = runs[-1]

@@ -45,6 +45,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that decide CPU inference speed (AVX-512, VNNI, BF16, AMX), from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return sorted(have & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                                      "amx_int8", "amx_tile"})
+    except OSError:
+        pass
+    return []
+
+
 def stats(seconds: list[float]) -> dict[str, float]:
     a = np.asarray(seconds)
     return {"median_s": float(np.median(a)), "p90_s": float(np.percentile(a, 90)), "min_s": float(a.min()),
@@ -133,8 +146,6 @@ def _bench(bundle: str | Path, *, steps: int | None = None, guidance: float | No
     """Settings left out are the bundle's run defaults. End to end is one trial at a time with the sessions warm,
     as a stream of fMRI volumes would arrive: `e2e_runs` of them (default 5 for a bundle with run defaults, a
     few-step one, else 1)."""
-    import onnxruntime as ort
-
     t0 = time.perf_counter()
     rec = Reconstructor(bundle, provider=provider, low_memory=low_memory)
     m = rec.manifest
@@ -158,8 +169,8 @@ def _bench(bundle: str | Path, *, steps: int | None = None, guidance: float | No
               "load_s": load_s, "stages": {},
               "sizes_mb": {n: sum(m.files[f]["size"] for f in [c.file, *c.data_files]) / 2 ** 20
                            for n, c in m.components.items()},
-              "versions": {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version()},
-              "machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              "versions": {"numpy": np.__version__, "python": platform.python_version()},
+              "machine": {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                           else os.cpu_count(), "gpu": None}}
     result["sizes_mb"]["total"] = sum(f["size"] for f in m.files.values()) / 2 ** 20
 
@@ -183,13 +194,25 @@ def _bench(bundle: str | Path, *, steps: int | None = None, guidance: float | No
     result["stages"]["end_to_end"] = timed(lambda: rec(voxels, subject, steps=steps, guidance=guidance),
                                            e2e_runs, 0)
     result["peak_rss_mb"] = peak_rss_mb()
+    if rec.provider == "openvino":                   # what the CPU plugin was told to compute in, per graph
+        import openvino
+
+        result["inference_precision"] = {c: rec.session(c).hint for c in (comp, "unet", *vaes.values())}
+        result["versions"]["openvino"] = openvino.__version__
+    else:
+        import onnxruntime
+
+        result["versions"]["onnxruntime"] = onnxruntime.__version__
     return result
 
 
 def format_table(r: dict) -> str:
+    engine = "openvino" if r["provider"] == "openvino" else "onnxruntime"
     lines = [f"bundle {r['bundle']}  {r['precision']} on {r['provider']}  {r['image_size'][0]}x{r['image_size'][1]}"
-             f"  ({r['machine']['cpu']}, {r['machine']['cores']} cores, onnxruntime {r['versions']['onnxruntime']})",
-             f"  {'stage':<16}{'median s':>10}{'p90 s':>10}{'min s':>10}{'runs':>6}"]
+             f"  ({r['machine']['cpu']}, {r['machine']['cores']} cores, {engine} {r['versions'][engine]})"]
+    if r.get("inference_precision"):
+        lines.append("  OpenVINO computes in: " + ", ".join(f"{k} {v}" for k, v in r["inference_precision"].items()))
+    lines.append(f"  {'stage':<16}{'median s':>10}{'p90 s':>10}{'min s':>10}{'runs':>6}")
     for name, s in r["stages"].items():
         lines.append(f"  {name:<16}{s['median_s']:>10.3f}{s['p90_s']:>10.3f}{s['min_s']:>10.3f}{s['runs']:>6}")
     lines.append(f"  load {r['load_s']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB; bundle {r['sizes_mb']['total']:.1f} MB "

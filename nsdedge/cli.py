@@ -117,7 +117,8 @@ def _parse_run_defaults(text: str | None) -> dict | None:
 @click.option("--ip-adapter", type=click.Path(path_type=Path), help="ip-adapter-plus_sd15 .bin or .safetensors.")
 @click.option("--image-encoder", type=click.Path(path_type=Path), help="CLIP ViT-H vision folder (transformers).")
 @click.option("--decoder", "decoders", multiple=True, metavar="SUBJECT=FILE", help="A fitted decoder; repeatable.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True,
+              help="bf16: --target openvino only (computed in bf16 on CPUs with AVX512_BF16 or AMX).")
 @click.option("--calibration-voxels", type=click.Path(path_type=Path),
               help="Real trials: the last 2 are held out for the fidelity report; with --target tensorrt --precision "
                    "int8 the others calibrate the activation scales.")
@@ -128,8 +129,12 @@ def _parse_run_defaults(text: str | None) -> dict | None:
               help="What int8 covers in the UNet (onnx target): conv-weights stores conv weights int8 and computes "
                    "convs in fp32 (0.28x file, half the memory); matmul leaves conv weights fp32 (10% faster steps); "
                    "matmul+conv is dynamic int8 convs (slower on CPUs).")
-@click.option("--target", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
-              help="tensorrt: int8 is static QDQ (explicit quantization) from calibration data.")
+@click.option("--int8-recipe", type=click.Choice(["weights", "full"]), default="weights", show_default=True,
+              help="--target openvino --precision int8: weights = NNCF int8 weights, f32 compute, no calibration; "
+                   "full = the UNet's activations too, from --calibration-voxels / --calibration.")
+@click.option("--target", type=click.Choice(["onnx", "tensorrt", "openvino"]), default="onnx", show_default=True,
+              help="tensorrt: int8 is static QDQ (explicit quantization) from calibration data. openvino: OpenVINO "
+                   "IR (int8: NNCF int8 weights, f32 compute).")
 @click.option("--opset", type=click.IntRange(14, 18), default=18, show_default=True,
               help="ONNX opset of the UNet and VAE graphs: 17 for TensorRT 8.6, 16 for JetPack 5 / TensorRT 8.5.")
 @click.option("--resolution", type=int, help="Image side in pixels (default: the model's, 512 for SD 1.5).")
@@ -147,7 +152,7 @@ def _parse_run_defaults(text: str | None) -> dict | None:
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision, calibration_voxels, calibration,
-           int8_ops, target, opset, resolution, prompt, negative_prompt, lora, lora_scale, tiny_vae, no_full_vae,
+           int8_ops, int8_recipe, target, opset, resolution, prompt, negative_prompt, lora, lora_scale, tiny_vae, no_full_vae,
            run_defaults, seed, force, out):
     """Export decoders, the IP-token UNet and the VAE decoder to a verified ONNX bundle."""
     from .bundle import check_replaceable, check_writable
@@ -156,6 +161,26 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
         raise InputError(f"{out} exists; pass --force to replace it")
     check_replaceable(out)
     check_writable(out)
+    if (precision == "bf16" and target != "openvino") or (precision == "fp16" and target == "openvino"):
+        raise InputError(f"--precision {precision} with --target {target}: bf16 is for --target openvino, which "
+                         f"takes fp32, bf16 or int8")
+    if target == "openvino":
+        from .runtime.ov_session import check_precision, openvino
+
+        openvino()                                 # one line with the install command when it is missing
+        if precision == "bf16":
+            check_precision("bf16")                # its fidelity is measured here: this CPU must compute bf16
+        if precision == "int8":
+            try:
+                import nncf
+            except ImportError:
+                raise InputError("--target openvino --precision int8 needs nncf: "
+                                 "pip install 'nsdedge[export]'") from None
+            nncf.set_log_level(logging.ERROR)      # its tables and progress bars; the CLI shows its own progress
+    if precision == "int8" and target == "openvino" and int8_recipe == "full" and not (calibration_voxels or calibration):
+        from .export.build import OPENVINO_CALIBRATION_NEEDED
+
+        raise InputError(OPENVINO_CALIBRATION_NEEDED)
     if precision == "int8" and target == "tensorrt" and not (calibration_voxels or calibration):
         from .calibration.record import CALIBRATION_NEEDED
 
@@ -236,7 +261,7 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
                       prompt=prompt if prompt is not None else DEFAULT_PROMPT,
                       negative_prompt=negative_prompt if negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
                       force=force, calibration_voxels=calibration_voxels, int8_ops=int8_ops, target=target,
-                      calibration=calibration, opset=opset, progress=progress)
+                      calibration=calibration, opset=opset, progress=progress, int8_recipe=int8_recipe)
     click.echo(_summary(out, m))
     if target == "tensorrt":
         click.echo(f"TensorRT engines are tied to the GPU and TensorRT version: on the target machine run\n"
@@ -276,6 +301,11 @@ def _summary(path: Path, m) -> str:
     lines.append(f"  total {_human(total)} in {len(m.files)} files; subjects: "
                  + ", ".join(f"{s} ({m.components[c].extra.get('voxels')} voxels)" for s, c in m.subjects.items()))
     lines.append("  * against torch at export" + (f"; then {m.precision} against fp32" if m.precision != "fp32" else ""))
+    if m.extra.get("target") == "openvino":
+        from .runtime.ov_session import HINTS
+
+        lines.append("  runs on OpenVINO (--provider openvino), computing in: " + ", ".join(
+            f"{n} {HINTS.get(c.precision, '?')}" for n, c in m.components.items()))
     if m.extra.get("run_defaults"):
         lora = m.extra.get("lora")
         lines.append("  runs with: " + ", ".join(f"{k} {v}" for k, v in m.extra["run_defaults"].items())
@@ -436,6 +466,9 @@ def calibrate(bundle, voxels, subject, steps, guidance, scheduler, out):
     from .voxels import load_voxels
 
     rec = Reconstructor(bundle, provider="cpu")
+    if rec.manifest.extra.get("target") == "openvino":
+        raise InputError(f"{bundle}: calibration records an fp32 ONNX bundle (--target onnx or tensorrt); its file "
+                         f"serves `export --target openvino --int8-recipe full --calibration` too")
     if rec.manifest.precision != "fp32":
         raise InputError(f"{bundle}: calibration needs an fp32 bundle, this one is {rec.manifest.precision}")
     subject = rec.subject(subject)

@@ -26,6 +26,7 @@ def test_every_engine_call_is_behind_the_seam():
     assert _files_matching(r"trt\.Runtime\(|trt\.Builder\(") == ["nsdedge/export/trt_build.py",
                                                                                "nsdedge/runtime/trt_engine.py"]
     assert _files_matching(r"\._session\(|\._release\(|\._sessions\b") == ["nsdedge/runtime/pipeline.py"]
+    assert _files_matching(r"compile_model\(|\.Core\(\)") == ["nsdedge/runtime/ov_session.py"]
 
 
 def test_backends_implement_the_protocol(tiny_bundle):

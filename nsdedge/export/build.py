@@ -21,7 +21,11 @@ from .wrappers import UNetIP, VAEDecoder, install_ip_adapter
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+TARGETS = ("onnx", "tensorrt", "openvino")
+OPENVINO_CALIBRATION_NEEDED = ("--int8-recipe full quantizes the UNet's activations and needs calibration data: "
+                               "--calibration-voxels FILE (real trials of a subject) or --calibration FILE.npz "
+                               "(from `nsdedge calibrate`); --int8-recipe weights needs none")
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "ip_tokens", "ip_scale")
 
@@ -53,18 +57,37 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
                   force: bool = False, calibration_voxels: Path | None = None,
                   int8_ops: str = "matmul+conv-weights",
                   target: str = "onnx", calibration: Path | None = None, opset: int = OPSET,
-                  progress: Callable[[str], None] = lambda step: None) -> Manifest:
+                  progress: Callable[[str], None] = lambda step: None, int8_recipe: str = "weights") -> Manifest:
     """Export every component of `src` into a new bundle at `out`; each graph is verified against torch.
     For fp16 / int8, `src`'s torch modules are released once the graphs are written (peak memory)."""
     if precision not in PRECISIONS:
         raise NsdedgeError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    if target not in ("onnx", "tensorrt"):
-        raise NsdedgeError(f"unknown target {target!r} (choose from onnx, tensorrt)")
+    if target not in TARGETS:
+        raise NsdedgeError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    if (precision == "bf16" and target != "openvino") or (precision == "fp16" and target == "openvino"):
+        raise NsdedgeError(f"--precision {precision} with --target {target}: bf16 is OpenVINO's (it computes bf16 on "
+                           f"CPUs with AVX512_BF16 or AMX); OpenVINO takes fp32, bf16 or int8")
     if not 14 <= opset <= OPSET:
         raise NsdedgeError(f"--opset {opset}: choose 14 to {OPSET} (17 for TensorRT 8.6, 16 for TensorRT 8.5 / "
                            f"JetPack 5: no native LayerNormalization)")
     if precision == "int8" and target == "tensorrt" and calibration_voxels is None and calibration is None:
         raise NsdedgeError(CALIBRATION_NEEDED)
+    if int8_recipe not in ("weights", "full"):
+        raise NsdedgeError(f"unknown int8 recipe {int8_recipe!r} (choose from weights, full)")
+    if precision == "int8" and target == "openvino" and int8_recipe == "full" and \
+            calibration_voxels is None and calibration is None:
+        raise NsdedgeError(OPENVINO_CALIBRATION_NEEDED)
+    if target == "openvino":                    # before minutes of tracing: what the conversion will need
+        from ..runtime.ov_session import check_precision, openvino
+
+        openvino()
+        check_precision(precision)              # bf16: this CPU must compute it, its fidelity is measured here
+        if precision == "int8":
+            try:
+                import nncf  # noqa: F401
+            except ImportError:
+                raise NsdedgeError("--target openvino --precision int8 needs nncf: pip install 'nsdedge[export]'") \
+                    from None
     resolution = resolution or src.resolution or src.unet.config.sample_size * src.vae_scale_factor
     f, m = src.vae_scale_factor, src.unet_multiple
     if resolution % (f * m):
@@ -100,7 +123,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
         progress("unet: export to ONNX and parity check (batch 2 and 1)")
         install_ip_adapter(src.unet, src.ip_adapter)
         unet = UNetIP(src.unet).eval()
-        # onnxruntime gets fused attention; TensorRT's parser needs standard ops (it fuses attention itself)
+        # onnxruntime gets fused attention; TensorRT's parser and OpenVINO need standard ops (both fuse attention)
         fused = target == "onnx" and opset >= OPSET      # (the opset < 18 exporter cannot fuse)
         files, entry = export_and_verify(unet, unet_spec(m, fused, opset), _unet_samples(2, latent, 1), w.tmp / "unet.onnx",
                                          checks=[_unet_samples(2, latent, 1), _unet_samples(1, latent, 2)])
@@ -139,7 +162,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
                    **({"run_defaults": dict(src.run_defaults)} if src.run_defaults else {}),
                    **({"lora": {"source": src.provenance.get("lora", "?"), "scale": float(src.lora_scale)}}
                       if lora_fused else {})})
-        if precision != "fp32":
+        if precision != "fp32" or target == "openvino":      # OpenVINO: IR from the fp32 graphs, fidelity checked
             import gc
 
             from .quantize import INT8_OP_CHOICES, quantize_bundle
@@ -150,7 +173,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
             gc.collect()
             quantize_bundle(w, manifest, precision, calibration_voxels=calibration_voxels,
                             int8_ops=INT8_OP_CHOICES[int8_ops], target=target, calibration=calibration,
-                            progress=progress)
+                            progress=progress, int8_recipe=int8_recipe)
         manifest.extra["export_seconds"] = round(time.perf_counter() - t_start, 2)
         progress("writing manifest and checksums")
         w.commit(manifest)

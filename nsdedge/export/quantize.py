@@ -236,10 +236,14 @@ def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], op_types: tuple[str, ..
 
 def convert_component(folder: Path, name: str, file: str, precision: str,
                       int8_ops: tuple[str, ...] = INT8_OPS, target: str = "onnx",
-                      feeds: list[dict] | None = None) -> tuple[list[str], str]:
+                      feeds: list[dict] | None = None, int8_recipe: str = "weights") -> tuple[list[str], str]:
     """Write `<stem>.<precision>.onnx` beside the fp32 graph; returns (files written, precision it ended in).
     For int8 on the TensorRT target, `feeds` are the recorded inputs that calibrate the activation scales."""
     src = folder / file
+    if target == "openvino":
+        from .openvino_ir import to_openvino
+
+        return to_openvino(src, folder / file.replace(".onnx", ".xml"), name, precision, int8_recipe, feeds)
     dst = folder / file.replace(".onnx", f".{precision}.onnx")
     if precision == "fp16":
         return to_fp16(src, dst), "fp16"
@@ -261,13 +265,20 @@ def remove(folder: Path, files: list[str]) -> None:
             pass
 
 
-def _component_error(folder: Path, manifest, name: str, new_file: str, feeds_list: list[dict]) -> float:
-    """Worst relative L2 error of the converted graph against the fp32 graph over recorded inputs."""
+def _component_error(folder: Path, manifest, name: str, new_file: str, feeds_list: list[dict],
+                     precision: str | None = None) -> float:
+    """Worst relative L2 error of the converted graph against the fp32 graph over recorded inputs. `precision`:
+    an OpenVINO IR's, which sets the precision it computes in."""
     from ..runtime.session import open_session
     from .onnx_export import rel_l2
 
     a = open_session(folder, name, "cpu", manifest=manifest)
-    b = open_session(folder, name, "cpu", manifest=manifest, file=new_file)
+    if new_file.endswith(".xml"):
+        from ..runtime.ov_session import OvSession
+
+        b = OvSession(folder / new_file, precision or "fp32")
+    else:
+        b = open_session(folder, name, "cpu", manifest=manifest, file=new_file)
     worst = 0.0
     for feeds in feeds_list:
         ra, rb = a.run(feeds), b.run(feeds)
@@ -323,8 +334,10 @@ def calibration_records(folder: Path, calibration_voxels: Path | None, calibrati
 
 def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path | None = None,
                     steps: int = 10, guidance: float = 7.5, int8_ops: tuple[str, ...] = INT8_OPS,
-                    target: str = "onnx", calibration: Path | None = None, progress=lambda s: None) -> dict:
-    """Convert the fp32 graphs in `writer.tmp` to `precision` and write the fidelity report into the manifest."""
+                    target: str = "onnx", calibration: Path | None = None, progress=lambda s: None,
+                    int8_recipe: str = "weights") -> dict:
+    """Convert the fp32 graphs in `writer.tmp` to `precision` and write the fidelity report into the manifest.
+    `int8_recipe` (target openvino): weights | full (openvino_ir.py)."""
     from ..calibration import Recorder, calls
     from ..eval.metrics import psnr, ssim
     from ..runtime import Reconstructor
@@ -354,20 +367,21 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         feeds = calls(recorded.get(component, {}))
         return feeds if component != "unet" else [feeds[i] for i in sorted({0, len(feeds) // 2, len(feeds) - 1})]
 
-    static = precision == "int8" and target == "tensorrt"
+    static = precision == "int8" and (target == "tensorrt" or (target == "openvino" and int8_recipe == "full"))
     records = (calibration_records(folder, calibration_voxels, calibration, len(trials[first]), steps, guidance,
                                    progress) if static else {})
     component_errors = {}
     for name, comp in list(manifest.components.items()):
         progress(f"{precision}{' (static QDQ)' if static else ''}: {name}")
-        files, got = convert_component(folder, name, comp.file, precision, int8_ops, target, records.get(name))
+        files, got = convert_component(folder, name, comp.file, precision, int8_ops, target, records.get(name),
+                                       int8_recipe)
         if not files:
             continue
         if name.startswith("decoder-"):
             feeds = [{"voxels": trials[comp.extra["subject"]]}]
         else:
             feeds = feeds_for(name)
-        component_errors[name] = _component_error(folder, manifest, name, files[0], feeds)
+        component_errors[name] = _component_error(folder, manifest, name, files[0], feeds, got)
         old = [comp.file, *comp.data_files]
         if name == "vae_decoder" and precision == "fp16":      # keep the fp32 VAE for overflow fallback
             manifest.components[FP32_VAE] = type(comp)(FP32_VAE, comp.file, "fp32", comp.inputs, comp.outputs,
@@ -378,9 +392,10 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         comp.parity = {**comp.parity, f"{precision}_vs_fp32": component_errors[name]}
     writer.write_manifest(manifest)
 
-    progress(f"fidelity: {precision} reconstructions")
+    progress(f"fidelity: {precision} reconstructions{' (OpenVINO)' if target == 'openvino' else ''}")
     q_rec = Recorder()
-    q = Reconstructor(folder, "cpu", verify=False, observer=q_rec)
+    provider = "openvino" if target == "openvino" else "cpu"
+    q = Reconstructor(folder, provider, verify=False, observer=q_rec)
     images = q(trials[first], first, steps=steps, guidance=guidance, seed=0)
     del q
 
@@ -392,8 +407,13 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
     fidelity = {
         "precision": precision, "target": target, "steps": steps, "guidance": guidance, "subject": first,
         "scheduler": ref_defaults["scheduler"], "vae": ref_defaults["vae"],
-        "int8_ops": (list(QDQ_OPS) if static else list(int8_ops)) if precision == "int8" else None,
-        "int8_scheme": ("static QDQ, symmetric activations, per-channel weights" if static
+        "int8_ops": (["MatMul", "Conv"] if target == "openvino" else list(QDQ_OPS) if static else list(int8_ops))
+        if precision == "int8" else None,
+        "int8_scheme": ("NNCF post-training quantization of the UNet (int8 weights and activations, transformer "
+                        "preset, bias correction off); decoders int8 weights; VAE fp32" if target == "openvino" and static
+                        else "static QDQ, symmetric activations, per-channel weights" if static
+                        else "NNCF int8 weights (asymmetric, per output channel), computed in f32; VAE fp32"
+                        if target == "openvino"
                         else "dynamic, per-tensor weights" + ("; conv weights int8 per channel, convs computed in "
                                                                "fp32" if "ConvWeights" in int8_ops else ""))
         if precision == "int8" else None,
@@ -401,7 +421,7 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         "inputs": "calibration (held-out)" if calibration_voxels else "standard-normal voxels",
         "component_rel_l2": component_errors,
         "tokens_rel_l2": {s: float(np.linalg.norm(q_t - ref_tokens[s]) / np.linalg.norm(ref_tokens[s]))
-                          for s, q_t in [(s, Reconstructor(folder, "cpu", verify=False).decode(x, s))
+                          for s, q_t in [(s, Reconstructor(folder, provider, verify=False).decode(x, s))
                                          for s, x in trials.items()]},
         "psnr_db": [psnr(a, b) for a, b in zip(images, ref_images)],
         "ssim": [ssim(a, b) for a, b in zip(images, ref_images)],

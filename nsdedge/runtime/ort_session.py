@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import io
 import logging
 import os
@@ -167,7 +168,9 @@ def shared_cuda_arena(ort, device: int = 0) -> bool:
     """Register one CUDA arena in onnxruntime's environment (once per process and device) for sessions opened with
     `session.use_env_allocators`: the VAE then reuses the UNet's activation memory instead of growing its own.
     Weights bypass it (session.use_device_allocator_for_initializers), so what a captured CUDA graph leaves in
-    the arena is only activations, never another graph's weights. False if this onnxruntime cannot."""
+    the arena is only activations, never another graph's weights. The arena lives as long as the process (the
+    environment owns it): closing a Reconstructor frees its weights, not the arena's activations; low memory
+    mode uses per-graph arenas instead. False if this onnxruntime cannot."""
     if device not in _SHARED_ARENA:
         try:
             mem = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device, ort.OrtMemType.DEFAULT)
@@ -242,7 +245,6 @@ class OrtSession:
         self._epoch = 0                          # bumped by bound(): device copies of the constants are stale
         self._slots: dict[tuple, _Slot] = {}
         self.device_io = provider != "cpu"       # inputs and outputs in device buffers (slots); the CPU needs none
-        self._options = options
 
     def _without_graph(self, error: Exception) -> None:
         """CUDA graphs need every node on the CUDA provider and nothing that syncs with the host during capture; a
@@ -252,6 +254,8 @@ class OrtSession:
         self.cuda_graph = False
         self._options = {k: v for k, v in self._options.items() if k != "enable_cuda_graph"}
         self._slots = {}
+        self.sess = None                         # the graph's weights leave the GPU before they come back
+        gc.collect()
         self.sess = self._create(self._options)
 
     @contextlib.contextmanager
@@ -280,7 +284,13 @@ class OrtSession:
         key = tuple(sorted((k, v.shape, v.dtype.str) for k, v in arrays.items()))
         slot = self._slots.get(key)
         if slot is None:
-            slot = self._slots[key] = _Slot(ort, self, arrays, len(self._slots))
+            try:
+                slot = self._slots[key] = _Slot(ort, self, arrays, len(self._slots))
+            except ProviderError as e:           # an output without a static shape: no graph, node by node
+                if not self.cuda_graph:
+                    raise
+                self._without_graph(e)
+                return self._run_on_device(feeds)
         for k, v in arrays.items():
             if k not in self._bound or slot.epoch != self._epoch:
                 slot.values[k].update_inplace(v)
@@ -295,10 +305,6 @@ class OrtSession:
         if slot.outputs_bound:
             return {k: slot.values[k].numpy() for k in self.outputs}
         return dict(zip(self.outputs, slot.binding.copy_outputs_to_cpu()))
-
-    def release_graphs(self) -> None:
-        """Free the device buffers (and captured graphs' inputs) of every slot."""
-        self._slots.clear()
 
 
     def input_dtype(self, name: str) -> np.dtype:

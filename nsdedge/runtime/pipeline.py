@@ -24,7 +24,7 @@ from ..bundle import CONSTANTS, Manifest, read_manifest
 from ..errors import BundleError, InputError, NsdedgeError
 from ..voxels import validate_voxels
 from .schedulers import make_scheduler
-from .session import Backend, open_session, resolve
+from .session import Backend, bundle_provider, open_session, resolve
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Reconstructor:
         self.engine_cache = Path(engine_cache) if engine_cache else self.path / "engines"
         self.engine_batches = tuple(engine_batches)
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
-        self.provider = resolve(provider)
+        self.provider = resolve(bundle_provider(self.manifest, provider))
         self.low_memory = low_memory
         self.threads = threads
         self.observer = observer

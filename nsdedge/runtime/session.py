@@ -6,7 +6,8 @@
         ...
 
 Providers (nsdedge names): cpu, cuda and tensorrt run through onnxruntime (ort_session.py); engine runs native
-TensorRT engines built by `nsdedge build-engines` (trt_engine.py). A new backend is one module with a class
+TensorRT engines built by `nsdedge build-engines` (trt_engine.py); openvino runs OpenVINO IR (or ONNX) on
+OpenVINO's CPU plugin (ov_session.py). A new backend is one module with a class
 that has the Backend methods, a name in PROVIDER_NAMES and a branch in `resolve` and `open_session`; nothing in
 the pipeline changes.
 """
@@ -26,11 +27,13 @@ from .ort_session import ORT_PROVIDERS, OrtSession, cuda_options, onnxruntime, p
 log = logging.getLogger(__name__)
 
 ENGINE = "engine"              # native TensorRT engines from `nsdedge build-engines`
-PROVIDER_NAMES = ("auto", *ORT_PROVIDERS, ENGINE)
+OPENVINO = "openvino"          # OpenVINO's CPU plugin (bundles exported with --target openvino, or ONNX)
+PROVIDER_NAMES = ("auto", *ORT_PROVIDERS, ENGINE, OPENVINO)
 AUTO_ORDER = ("cuda", "cpu")   # tensorrt only when asked: it builds engines on first use (minutes)
 _WARNED: set[str] = set()
 
-__all__ = ["Backend", "ENGINE", "PROVIDER_NAMES", "available", "probe", "resolve", "open_session", "open_graph",
+__all__ = ["Backend", "ENGINE", "OPENVINO", "PROVIDER_NAMES", "bundle_provider", "available", "probe", "resolve",
+           "open_session", "open_graph",
            "cuda_options", "tensorrt_options", "Session"]
 
 
@@ -64,6 +67,11 @@ def resolve(provider: str) -> str:
 
         require_tensorrt(), require_cudart()     # ProviderError with the install line when either is missing
         return ENGINE
+    if provider == OPENVINO:
+        from .ov_session import openvino
+
+        openvino()                               # ProviderError with the install line when it is missing
+        return OPENVINO
     if provider == "auto":
         for p in AUTO_ORDER:
             why = probe(p)
@@ -79,6 +87,11 @@ def resolve(provider: str) -> str:
     if why is not None:
         raise ProviderError(f"provider {provider!r} is not available here: {why}; or use --provider cpu")
     return provider
+
+
+def bundle_provider(manifest: Manifest, provider: str) -> str:
+    """'auto' on a bundle exported for OpenVINO is openvino; any other choice stands."""
+    return OPENVINO if provider == "auto" and manifest.extra.get("target") == OPENVINO else provider
 
 
 def open_graph(path: str | Path | bytes, provider: str = "cpu", *, threads: int | None = None,
@@ -100,13 +113,21 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
     `low_memory`: provider settings for small devices (heuristic cuDNN search, no CUDA graph, an arena of the
     graph's own that is freed with it); otherwise graphs on CUDA share one arena.
     `engine_cache` / `engine_batches`: where native engines live and which profiles they were built for.
-    `profile`: a file prefix for onnxruntime's profiler (benchmarks/profile_unet.py)."""
+    `profile`: a file prefix for onnxruntime's profiler (benchmarks/profile_unet.py); on OpenVINO, per-node
+    counters (OvSession.profile_by_type)."""
     bundle = Path(bundle)
     manifest = manifest or read_manifest(bundle, verify=False)
-    provider = resolve(provider)
+    provider = resolve(bundle_provider(manifest, provider))
     path = bundle / (file or manifest.components[component].file)
+    if provider == OPENVINO:
+        from .ov_session import OvSession
+
+        return OvSession(path, manifest.components[component].precision, threads, profile=bool(profile))
+    if path.suffix == ".xml":
+        raise ProviderError(f"{bundle} holds OpenVINO IR (exported with --target openvino): run it with "
+                            f"--provider openvino")
     if provider == ENGINE:
-        from .trt_engine import ENGINE_COMPONENTS, EngineSession, check_engine, engine_key, this_device
+        from .trt_engine import ENGINE_COMPONENTS, EngineSession, engine_key, engine_paths, this_device
 
         if component.removesuffix("_fp32") in ENGINE_COMPONENTS:
             if file or profile:
@@ -115,8 +136,8 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
             cache = Path(engine_cache) if engine_cache else bundle / ENGINES
             key = engine_key(manifest, component, this_device(), engine_batches)
             typed = engine_key(manifest, component, this_device(), engine_batches, strongly_typed=True)
-            if check_engine(cache, key) is not None and check_engine(cache, typed) is None:
-                key = typed                      # built with build-engines --strongly-typed
+            if not engine_paths(cache, key)[0].exists() and engine_paths(cache, typed)[0].exists():
+                key = typed                      # built with build-engines --strongly-typed (checked when opened)
             return EngineSession(cache, key)
         provider = "cuda" if probe("cuda") is None else "cpu"      # decoders are one GEMM: onnxruntime runs them
     options = None

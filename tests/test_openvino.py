@@ -1,0 +1,140 @@
+"""OpenVINO: `--target openvino` bundles (IR, fp32 / bf16 / int8 weights) and `--provider openvino` behind the one
+seam, on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nsdedge.bundle import read_manifest
+from nsdedge.errors import ProviderError
+from nsdedge.runtime import Reconstructor
+from tests.conftest import run_cli
+
+pytest.importorskip("openvino")
+
+
+@pytest.fixture(scope="module")
+def ov_bundles(tmp_path_factory, tiny_bundle):
+    """The tiny preset exported for OpenVINO (fp32 and int8); `onnx`: the same weights exported for onnxruntime."""
+    root = tmp_path_factory.mktemp("openvino")
+    out = {"onnx": tiny_bundle}
+    for name, args in {"ov-fp32": ["--target", "openvino"],
+                       "ov-int8": ["--target", "openvino", "--precision", "int8"]}.items():
+        r = run_cli("export", "--preset", "tiny", *args, "--out", str(root / name))
+        assert r.returncode == 0, r.stderr
+        out[name] = root / name
+    return out
+
+
+def voxels(n=1):
+    return np.random.default_rng(5).standard_normal((n, 256)).astype(np.float32)
+
+
+def test_openvino_fp32_bundle_matches_onnxruntime(ov_bundles):
+    m = read_manifest(ov_bundles["ov-fp32"])
+    assert m.extra["target"] == "openvino" and not m.extra["fused_attention"]      # standard ops, IR files
+    assert all(c.file.endswith(".xml") and c.data_files == [c.file[:-4] + ".bin"] for c in m.components.values())
+    ov = Reconstructor(ov_bundles["ov-fp32"])                                      # auto: openvino
+    assert ov.provider == "openvino"
+    a = ov(voxels(2), steps=4)
+    b = Reconstructor(ov_bundles["onnx"], "cpu")(voxels(2), steps=4)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+    # an ONNX bundle runs on OpenVINO too (it reads onnxruntime's MultiHeadAttention)
+    c = Reconstructor(ov_bundles["onnx"], "openvino")(voxels(2), steps=4)
+    assert np.abs(c.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_openvino_int8_keeps_fidelity(ov_bundles):
+    m = read_manifest(ov_bundles["ov-int8"])
+    f = m.extra["fidelity"]
+    assert m.precision == "int8" and m.components["unet"].precision == "int8"
+    assert m.components["vae_decoder"].precision == "fp32"                         # the VAE keeps its weights
+    assert min(f["psnr_db"]) >= 25 and f["cfg_spread_ratio"] >= 0.9 and "NNCF" in f["int8_scheme"]
+    unet = m.components["unet"]
+    fp32 = read_manifest(ov_bundles["ov-fp32"]).components["unet"]
+    assert m.files[unet.data_files[0]]["size"] < 0.5 * read_manifest(ov_bundles["ov-fp32"]).files[
+        fp32.data_files[0]]["size"]                                                # int8 weights on disk
+    img = Reconstructor(ov_bundles["ov-int8"])(voxels(), steps=4)
+    ref = Reconstructor(ov_bundles["ov-fp32"])(voxels(), steps=4)
+    assert np.abs(img.astype(int) - ref.astype(int)).mean() < 8
+
+
+def test_bf16_is_an_explicit_choice(ov_bundles, tmp_path, monkeypatch):
+    from nsdedge.runtime import ov_session
+
+    if ov_session.bf16_supported():
+        r = run_cli("export", "--preset", "tiny", "--target", "openvino", "--precision", "bf16",
+                    "--out", str(tmp_path / "bf16"))
+        assert r.returncode == 0, r.stderr
+        m = read_manifest(tmp_path / "bf16")
+        assert m.components["unet"].precision == "bf16" and min(m.extra["fidelity"]["psnr_db"]) >= 25
+        rec = Reconstructor(tmp_path / "bf16")
+        assert rec.session("unet").hint == "bf16"
+    # fp32 and int8 bundles never compute in bf16 behind the user's back (the plugin's default on such CPUs)
+    assert Reconstructor(ov_bundles["ov-fp32"]).session("unet").hint == "f32"
+    assert Reconstructor(ov_bundles["ov-int8"]).session("unet").hint == "f32"
+    # a CPU without bf16: a bf16 component is refused in one line, not run in f32
+    monkeypatch.setattr(ov_session, "bf16_supported", lambda: False)
+    with pytest.raises(ProviderError, match="this CPU has no bf16"):
+        ov_session.check_precision("bf16")
+
+
+def test_bad_combinations_and_missing_openvino_are_one_line_errors(ov_bundles, tmp_path, trial):
+    r = run_cli("export", "--preset", "tiny", "--precision", "bf16", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "bf16 is for --target openvino" in r.stderr and not (tmp_path / "x").exists()
+    r = run_cli("run", "--voxels", str(trial), "--bundle", str(ov_bundles["ov-fp32"]), "--provider", "cpu",
+                "--out", str(tmp_path / "y.png"))
+    assert r.returncode == 2 and "run it with --provider openvino" in r.stderr and not (tmp_path / "y.png").exists()
+    blocked = ("import sys; sys.modules['openvino'] = None; from nsdedge.cli import main; "
+               f"sys.argv = ['nsdedge', 'run', '--voxels', {str(trial)!r}, '--bundle', "
+               f"{str(ov_bundles['ov-fp32'])!r}, '--out', {str(tmp_path / 'z.png')!r}]; main()")
+    p = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip() == "error: OpenVINO is not installed: pip install 'nsdedge[openvino]'"
+    assert not (tmp_path / "z.png").exists()
+
+
+def test_openvino_runtime_runs_without_torch(ov_bundles, tmp_path, trial):
+    code = ("import sys\n"
+            "for m in ('torch', 'diffusers', 'transformers', 'nncf', 'nsdedge.export'): sys.modules[m] = None\n"
+            "from nsdedge.runtime.batch import reconstruct\n"
+            f"r = reconstruct({str(ov_bundles['ov-int8'])!r}, {str(trial)!r}, {str(tmp_path / 'out')!r}, steps=2)\n"
+            "print(r.provider, len(r.written))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["openvino", "1"]
+    record = json.loads((tmp_path / "out" / "nsdedge-run.json").read_text())
+    assert record["key"]["provider"] == "openvino"
+
+
+def test_full_int8_recipe_from_recorded_calibration(tmp_path):
+    """The UNet's activations quantized by NNCF from the pipeline's own recorded inputs (every step, both guidance
+    halves); refused without calibration data, and a broken calibration file is one line."""
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32))
+    out = tmp_path / "full"
+    r = run_cli("export", "--preset", "tiny", "--target", "openvino", "--precision", "int8", "--int8-recipe", "full",
+                "--calibration-voxels", str(tmp_path / "calib.npy"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    f = read_manifest(out).extra["fidelity"]
+    assert f["calibration_calls"]["unet"] == 2 * 10 and "activations" in f["int8_scheme"]   # 2 fit trials x 10 steps
+    assert min(f["psnr_db"]) >= 25 and f["cfg_spread_ratio"] >= 0.9
+    assert Reconstructor(out)(voxels(), steps=2).shape == (1, 64, 64, 3)
+    for args, says in ((["--int8-recipe", "full"], "needs calibration data"),
+                       (["--int8-recipe", "full", "--calibration", str(tmp_path / "calib.npy")], "error: ")):
+        r = run_cli("export", "--preset", "tiny", "--target", "openvino", "--precision", "int8", *args,
+                    "--out", str(tmp_path / "refused"))
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "refused").exists()
+
+
+def test_a_graph_openvino_cannot_read_is_one_provider_error(tmp_path):
+    from nsdedge.runtime.ov_session import OvSession
+
+    (tmp_path / "unet.xml").write_text("<net name='broken'><layers><layer id='0' type='Nonsense'/></layers></net>")
+    with pytest.raises(ProviderError, match="unet.xml: OpenVINO could not read") as e:
+        OvSession(tmp_path / "unet.xml")
+    assert "\n" not in str(e.value)
