@@ -304,26 +304,14 @@ def preset_sources(w: Path):
 
 def derive(fp32: Path, out: Path, precision: str, target: str = "onnx", int8_recipe: str = "weights",
            calibration_voxels: Path | None = None) -> None:
-    """An fp16 / int8 bundle converted from an exported fp32 one (as export does after its own fp32 pass), without
-    tracing the models again: the same graphs, so the same bundle, minutes sooner. target openvino: IR converted
-    from the fp32 ONNX graphs (fused attention included, which OpenVINO >= 2026.3 reads)."""
-    import shutil
-
-    from nsdedge.bundle import BundleWriter, read_manifest
-    from nsdedge.export.quantize import INT8_OP_CHOICES, quantize_bundle
+    """An fp16 / int8 / OpenVINO bundle converted from the exported fp32 one (`export --from-bundle`): the same
+    graphs export would convert, without tracing the models again."""
+    from nsdedge.export.build import derive_bundle
 
     print(f"converting {fp32.name} to {precision}", file=sys.stderr, flush=True)
     t = time.perf_counter()
-    manifest = read_manifest(fp32)
-    with BundleWriter(out, force=True) as w:
-        for f in manifest.files:
-            shutil.copy2(fp32 / f, w.tmp / f)
-        manifest.precision = precision
-        manifest.extra["target"] = target
-        quantize_bundle(w, manifest, precision, target=target, int8_ops=INT8_OP_CHOICES["matmul+conv-weights"],
-                        int8_recipe=int8_recipe, calibration_voxels=calibration_voxels,
-                        progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
-        w.commit(manifest)
+    derive_bundle(fp32, out, precision=precision, target=target, force=True, int8_recipe=int8_recipe,
+                  calibration_voxels=calibration_voxels, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     print(f"  {precision} from fp32 {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
 
 

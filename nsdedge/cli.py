@@ -24,6 +24,8 @@ from .runtime.session import PROVIDER_NAMES
 log = logging.getLogger("nsdedge")
 
 DEFAULT_PRESET = "tiny"
+RANDOM_WEIGHTS_NOTICE = (f"note: no --bundle, so the default bundle (preset {DEFAULT_PRESET}) runs: its weights are random "
+                         f"and its images are noise; for real reconstructions see README.md, 'Real reconstructions'")
 
 
 def _setup_logging(verbose: int) -> None:
@@ -49,6 +51,20 @@ def _quiet_onnxruntime() -> None:
             import onnxruntime
 
             onnxruntime.set_default_logger_severity(4)
+
+
+def _quiet_ray() -> None:
+    """Ray Data prints each dataset's plan and notices on stderr; the CLI shows its own bar and summary, so below -v
+    its console handler shows errors only (its log file under /tmp/ray keeps everything). The CLI owns its process;
+    the library never does this."""
+    try:
+        import ray.data  # noqa: F401  (sets up the ray.data logger and its handlers)
+    except ImportError:
+        return                                      # run_job says what to install
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
 
 
 def _verbose(f):
@@ -86,6 +102,35 @@ def _parse_decoders(values: tuple[str, ...]) -> dict[str, Path]:
     return out
 
 
+def _local_weights(value: Path | None, kind: str, option: str, refs: dict) -> Path | None:
+    """A weights option as a local path: a path on disk, or a Hugging Face hub id found in the local cache
+    (never downloaded; what it resolved to goes into `refs`, which the manifest records)."""
+    if value is None:
+        return None
+    from .hub import resolve
+
+    path, ref = resolve(str(value), kind, option=option)
+    if ref is not None:
+        refs[option] = ref.record()
+    return path
+
+
+def _derive(fp32: Path, out: Path, **kw) -> None:
+    """export --from-bundle: another precision / target converted from an fp32 bundle."""
+    from .bundle import MANIFEST
+
+    if not (fp32 / MANIFEST).is_file():
+        raise InputError(f"--from-bundle {fp32}: not a bundle (no {MANIFEST})")
+    t0 = time.perf_counter()
+    try:
+        from .export.build import derive_bundle
+    except ImportError as e:
+        raise NsdedgeError(f"export needs the export extra ({e.name} is missing): pip install 'nsdedge[export]'") from None
+    m = derive_bundle(fp32, out, progress=lambda step: click.echo(f"[{time.perf_counter() - t0:7.1f}s] {step}",
+                                                                  err=True), **kw)
+    click.echo(_summary(out, m))
+
+
 def _parse_run_defaults(text: str | None) -> dict | None:
     """--run-defaults "scheduler=lcm,steps=4,guidance=1,vae=tiny" -> checked settings."""
     from .runtime.batch import Settings
@@ -111,11 +156,14 @@ def _parse_run_defaults(text: str | None) -> dict | None:
 @click.option("--preset", type=click.Choice(["tiny", "sd15-random", "tiny-lcm", "sd15-random-lcm"]),
               help="Random-weight models; no weights needed (-lcm: with a random LCM-LoRA fused and a TAESD).")
 @click.option("--sd", "sd", type=click.Path(path_type=Path),
-              help="SD 1.5: a diffusers folder, or a single-file .safetensors / .ckpt checkpoint.")
+              help="SD 1.5: a diffusers folder, a single-file .safetensors / .ckpt checkpoint, or a hub id in the "
+                   "local Hugging Face cache (stable-diffusion-v1-5/stable-diffusion-v1-5; ORG/NAME[@REV][:PATH]).")
 @click.option("--sd-config", type=click.Path(path_type=Path),
               help="For a single-file --sd: a diffusers SD 1.5 folder giving its configs and tokenizer.")
-@click.option("--ip-adapter", type=click.Path(path_type=Path), help="ip-adapter-plus_sd15 .bin or .safetensors.")
-@click.option("--image-encoder", type=click.Path(path_type=Path), help="CLIP ViT-H vision folder (transformers).")
+@click.option("--ip-adapter", type=click.Path(path_type=Path),
+              help="ip-adapter-plus_sd15 .bin or .safetensors (or h94/IP-Adapter:models/ip-adapter-plus_sd15.safetensors).")
+@click.option("--image-encoder", type=click.Path(path_type=Path),
+              help="CLIP ViT-H vision folder, transformers (or h94/IP-Adapter:models/image_encoder).")
 @click.option("--decoder", "decoders", multiple=True, metavar="SUBJECT=FILE", help="A fitted decoder; repeatable.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True,
               help="bf16: --target openvino only (computed in bf16 on CPUs with AVX512_BF16 or AMX).")
@@ -149,11 +197,14 @@ def _parse_run_defaults(text: str | None) -> dict | None:
               help="Settings the bundle runs with unless told otherwise, e.g. scheduler=lcm,steps=4,guidance=1,vae=tiny "
                    "(--lora implies LCM-LoRA's: lcm, 4 steps, guidance 1, and the tiny VAE if there is one).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a preset's random weights.")
+@click.option("--from-bundle", type=click.Path(path_type=Path),
+              help="Convert this exported fp32 bundle to --precision / --target instead of exporting from weights "
+                   "(no weights, no tracing; the same graphs export would convert).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision, calibration_voxels, calibration,
            int8_ops, int8_recipe, target, opset, resolution, prompt, negative_prompt, lora, lora_scale, tiny_vae, no_full_vae,
-           run_defaults, seed, force, out):
+           run_defaults, seed, from_bundle, force, out):
     """Export decoders, the IP-token UNet and the VAE decoder to a verified ONNX bundle."""
     from .bundle import check_replaceable, check_writable
 
@@ -191,15 +242,34 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
         from .calibration.record import check_calibration
 
         check_calibration(calibration)
+    if calibration_voxels is not None and not calibration_voxels.is_file():
+        raise InputError(f"{calibration_voxels}: no such calibration voxel file")
+    if from_bundle is not None:
+        given = [name for name, v in (("--preset", preset), ("--sd", sd), ("--sd-config", sd_config),
+                                      ("--ip-adapter", ip_adapter), ("--image-encoder", image_encoder),
+                                      ("--decoder", decoders), ("--resolution", resolution), ("--prompt", prompt),
+                                      ("--negative-prompt", negative_prompt), ("--lora", lora),
+                                      ("--tiny-vae", tiny_vae), ("--no-full-vae", no_full_vae),
+                                      ("--run-defaults", run_defaults), ("--opset", opset != 18),
+                                      ("--lora-scale", lora_scale != 1.0)) if v]
+        if given:
+            raise InputError(f"--from-bundle converts a bundle as it is: {', '.join(given)} would need a new export")
+        return _derive(from_bundle, out, precision=precision, target=target, force=force,
+                       calibration_voxels=calibration_voxels, calibration=calibration, int8_ops=int8_ops,
+                       int8_recipe=int8_recipe)
     if bool(preset) == bool(sd):
         raise InputError("give either --preset or --sd (with --ip-adapter and --image-encoder)")
     if sd and not (ip_adapter and image_encoder):
         raise InputError("--sd needs --ip-adapter and --image-encoder too")
     if resolution is not None and resolution <= 0:
         raise InputError(f"--resolution must be positive, got {resolution}")
+    hub_refs: dict[str, dict] = {}
+    sd, sd_config, ip_adapter, image_encoder, lora, tiny_vae = (
+        _local_weights(value, kind, option, hub_refs) for value, kind, option in (
+            (sd, "sd", "--sd"), (sd_config, "sd_config", "--sd-config"), (ip_adapter, "ip_adapter", "--ip-adapter"),
+            (image_encoder, "image_encoder", "--image-encoder"), (lora, "lora", "--lora"),
+            (tiny_vae, "tiny_vae", "--tiny-vae")))
     decoder_files = _parse_decoders(decoders)
-    if calibration_voxels is not None and not calibration_voxels.is_file():
-        raise InputError(f"{calibration_voxels}: no such calibration voxel file")
     defaults = _parse_run_defaults(run_defaults)
     if lora is not None and not (lora.is_file() and lora.suffix == ".safetensors"):
         raise InputError(f"--lora {lora}: not a .safetensors file")
@@ -254,6 +324,7 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
             src.run_defaults.setdefault("vae", "tiny")
     src.run_defaults.update(defaults or {})
     src.full_vae = not no_full_vae
+    src.hub = hub_refs
     subjects = [d.subject for d in src.decoders]
     if len(set(subjects)) != len(subjects):
         raise InputError(f"two decoders for the same subject in {subjects}")
@@ -301,6 +372,11 @@ def _summary(path: Path, m) -> str:
     lines.append(f"  total {_human(total)} in {len(m.files)} files; subjects: "
                  + ", ".join(f"{s} ({m.components[c].extra.get('voxels')} voxels)" for s, c in m.subjects.items()))
     lines.append("  * against torch at export" + (f"; then {m.precision} against fp32" if m.precision != "fp32" else ""))
+    hub = m.source.get("hub") if isinstance(m.source, dict) else None
+    if isinstance(hub, dict) and hub:
+        lines.append("  weights from the Hugging Face cache: " + "; ".join(
+            f"{opt} {r.get('id')}@{str(r.get('commit'))[:12]}" + (f":{r['path']}" if r.get("path") else "")
+            for opt, r in hub.items() if isinstance(r, dict)))
     if m.extra.get("target") == "openvino":
         from .runtime.ov_session import HINTS
 
@@ -369,7 +445,7 @@ def _png_bytes(image) -> bytes:
 
 
 @cli.command()
-@click.option("--voxels", type=click.Path(path_type=Path), required=True, help="(V,) or (N, V) .npy / .npz.")
+@click.option("--voxels", type=click.Path(path_type=Path), help="(V,) or (N, V) .npy / .npz.")
 @click.option("--bundle", type=click.Path(path_type=Path), help="Bundle directory (default: the tiny preset).")
 @click.option("--subject", help="Subject whose decoder to use (needed when the bundle has several).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps [default: the bundle's, else 20].")
@@ -377,7 +453,7 @@ def _png_bytes(image) -> bytes:
 @click.option("--ip-scale", type=float, help="Weight of the ip tokens [default: the bundle's, else 1.0].")
 @click.option("--scheduler", type=click.Choice(SCHEDULERS), help="[default: the bundle's, else ddim]")
 @click.option("--vae", type=click.Choice(["full", "tiny"]), help="Decoder: full, or tiny (TAESD) [default: the bundle's].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Trial i uses seed + i.")
+@click.option("--seed", type=int, default=None, help="Trial i uses seed + i [default: 0].")
 @click.option("--provider", type=click.Choice(PROVIDER_NAMES), default="auto", show_default=True)
 @click.option("--low-memory", is_flag=True,
               help="Load one graph at a time; a batch runs stage by stage (UNet loops, then VAE decodes).")
@@ -386,18 +462,49 @@ def _png_bytes(image) -> bytes:
               help="Only these rows of the voxel file (e.g. 0:10); images keep their row numbers.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reconstructions"), show_default=True,
               help="A .png (one trial) or a directory (0000.png, ...).")
+@click.option("--job", "job_file", type=click.Path(path_type=Path),
+              help="A job file (JSON): several voxel files / subjects / trial ranges, one output directory each.")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: the trials on a Ray cluster (Ray Data actors), the same bytes as local.")
+@click.option("--ray-address", help="A running Ray cluster (default: RAY_ADDRESS, else a local Ray started for the job).")
+@click.option("--actors", type=click.IntRange(1, 4096), default=1, show_default=True, help="Ray actors (workers).")
+@click.option("--gpus-per-actor", type=click.FloatRange(0, 64), default=0.0, show_default=True,
+              help="GPUs each actor reserves (0.5: two actors share a GPU).")
+@click.option("--cpus-per-actor", type=click.FloatRange(0.01, 1024), default=None,
+              help="CPUs each actor reserves, and its inference threads [default: 1].")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="Inference threads (per Ray actor) [default: all cores; Ray: the actor's CPUs]. CPU images of the "
+                   "same trial are byte-identical for equal thread counts.")
 def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, vae, seed, provider, low_memory, no_verify,
-        trials, out):
-    """Reconstruct images from a voxel file."""
+        trials, out, job_file, backend, ray_address, actors, gpus_per_actor, cpus_per_actor, threads):
+    """Reconstruct images from a voxel file (or a job of several) in this process or on Ray."""
     from .runtime import Reconstructor
     from .runtime.batch import Settings, check_job, parse_trials, read_trials, reconstruct
+
+    if (voxels is None) == (job_file is None):
+        raise InputError("give --voxels FILE or --job JOB.json")
+    ray_opts = backend == "ray" or ray_address or actors != 1 or gpus_per_actor or cpus_per_actor is not None
+    if job_file is not None or ray_opts:
+        if backend != "ray" and ray_opts:
+            raise InputError("--ray-address, --actors, --gpus-per-actor and --cpus-per-actor need --backend ray")
+        if low_memory or no_verify:
+            raise InputError("--low-memory and --no-verify are for a local run of one voxel file (not --job or Ray)")
+        return _run_job(voxels, job_file, bundle, subject, trials, out, provider, backend,
+                        {"steps": steps, "guidance": guidance, "ip_scale": ip_scale, "scheduler": scheduler,
+                         "vae": vae, "seed": seed, "threads": threads},
+                        dict(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+                             ray_address=ray_address))
+    seed = 0 if seed is None else seed
 
     # everything is checked before the bundle is hashed (or the default one built) and before anything is written
     tr = read_trials(voxels, parse_trials(trials, "--trials"))
     given = {"steps": steps, "guidance": guidance, "ip_scale": ip_scale, "scheduler": scheduler, "vae": vae}
     check_job(tr, out, Settings(seed=seed, **given))
     _quiet_onnxruntime()
-    rec = Reconstructor(bundle or default_bundle(), provider=provider, low_memory=low_memory, verify=not no_verify)
+    if bundle is None:
+        click.echo(RANDOM_WEIGHTS_NOTICE, err=True)
+    rec = Reconstructor(bundle or default_bundle(), provider=provider, low_memory=low_memory, verify=not no_verify,
+                        threads=threads)
     run_defaults = {k: v for k, v in rec.manifest.extra.get("run_defaults", {}).items() if given.get(k) is None}
     if run_defaults:
         click.echo("the bundle's run settings: " + ", ".join(f"{k} {v}" for k, v in run_defaults.items()), err=True)
@@ -417,6 +524,51 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, vae, seed
 
         result = reconstruct(rec, tr, out, subject=subject, seed=seed, progress=progress, **given)
     click.echo(f"wrote {len(result.written)} image(s) to {out} (provider {result.provider})")
+
+
+def _run_job(voxels, job_file, bundle, subject, trials, out, provider, backend, given: dict, ray: dict) -> None:
+    """`run --job` or `run --backend ray`: a job through nsdedge.jobs, a bar over its trials, a summary."""
+    from dataclasses import replace
+
+    from .jobs import Job, Work, read_job, run_job
+
+    if job_file is not None:
+        if subject or trials:
+            raise InputError("--subject and --trials belong to each work item of the job file")
+        job = read_job(job_file)
+        job = replace(job, **{k: v for k, v in given.items() if v is not None})
+        if provider != "auto":
+            job.provider = provider
+        job.bundle = bundle or job.bundle
+    else:
+        job = Job(bundle, [Work(voxels, subject, out, trials)], provider=provider,
+                  **{k: v for k, v in given.items() if v is not None})
+    if job.bundle is None:
+        click.echo(RANDOM_WEIGHTS_NOTICE, err=True)
+        job.bundle = default_bundle()
+    _quiet_onnxruntime()
+    if backend == "ray" and log.level > logging.INFO:
+        _quiet_ray()
+    with contextlib.ExitStack() as stack:
+        bar, at = None, 0
+
+        def progress(done: int, todo: int) -> None:
+            nonlocal bar, at
+            if bar is None:
+                bar = stack.enter_context(click.progressbar(length=max(todo, 1), file=sys.stderr,
+                                                            label=f"{todo} trial(s) on {backend}"))
+            bar.update(done - at)
+            at = done
+
+        r = run_job(job, backend, progress=progress, **ray)
+    where = ", ".join(str(o) for o in r.outputs[:4]) + (f" and {len(r.outputs) - 4} more" if len(r.outputs) > 4 else "")
+    click.echo(f"wrote {r.written} image(s), skipped {r.skipped} already there, {len(r.failed)} failed; "
+               f"{r.seconds:.1f} s ({r.images_per_second:.2f} images/s{', provider ' + r.provider if r.provider else ''})"
+               f"; outputs in {where}")
+    if r.failed:
+        out_dir, row, why = r.failed[0]
+        raise NsdedgeError(f"{len(r.failed)} image(s) failed (first: {out_dir} row {row}: {why}); finished images "
+                           f"are kept: run the job again to retry the rest")
 
 
 # -- bench ----------------------------------------------------------------------------------------------
@@ -504,15 +656,35 @@ def _load_embeddings(path: Path):
 @click.option("--alphas", default=None, help="Comma-separated ridge penalties to choose from per token.")
 @click.option("--rank", type=int, default=None, help="Reduced rank R (smaller decoder).")
 @click.option("--no-rescale", is_flag=True, help="Do not store Brain-Diffuser's output rescaling.")
-def fit(voxels, embeddings, out, subject, alphas, rank, no_rescale):
-    """Fit a ridge decoder from voxels to IP-Adapter-Plus tokens (an alpha per token by leave-one-out)."""
+@click.option("--kind", type=click.Choice(["ridge", "mlp"]), default="ridge", show_default=True,
+              help="mlp: the BrainGuard-style MLP, trained with torch (options below).")
+@click.option("--hidden", type=click.IntRange(1, 65536), default=2048, show_default=True, help="mlp: width h.")
+@click.option("--blocks", type=click.IntRange(0, 64), default=4, show_default=True, help="mlp: residual blocks.")
+@click.option("--projector-hidden", type=click.IntRange(1, 65536), help="mlp: the token projector's width [default: h].")
+@click.option("--epochs", type=click.IntRange(1, 100000), default=50, show_default=True)
+@click.option("--batch-size", type=click.IntRange(2, 65536), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, 10, min_open=True), default=3e-4, show_default=True,
+              help="mlp: AdamW's peak learning rate (one-cycle schedule).")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=0.1, show_default=True,
+              help="mlp: trials held out for validation and early stopping.")
+@click.option("--patience", type=click.IntRange(1, 100000), default=5, show_default=True,
+              help="mlp: epochs without a better validation loss before stopping.")
+@click.option("--seed", type=int, default=0, show_default=True, help="mlp: initialisation, split and shuffling.")
+@click.option("--device", default="auto", show_default=True, help="mlp: auto, cpu or cuda[:N].")
+def fit(voxels, embeddings, out, subject, alphas, rank, no_rescale, kind, hidden, blocks, projector_hidden, epochs,
+        batch_size, lr, val_fraction, patience, seed, device):
+    """Fit a decoder from voxels to IP-Adapter-Plus tokens: ridge (an alpha per token by leave-one-out) or the MLP."""
     import numpy as np
 
     from .bundle import check_subject
-    from .decoders.ridge import DEFAULT_ALPHAS, fit_ridge
     from .voxels import load_voxels
 
     check_subject(subject)
+    if kind == "mlp" and (alphas or rank or no_rescale):
+        raise InputError("--alphas, --rank and --no-rescale are ridge options; --kind mlp takes --hidden, --blocks, "
+                         "--epochs, ...")
+    if kind == "mlp" and out.suffix != ".safetensors":
+        raise InputError(f"--out {out}: an MLP decoder is written as .safetensors")
     x = load_voxels(voxels)
     y = _load_embeddings(embeddings)
     if y.shape[0] != x.shape[0] or y.shape[1:] not in ((16, 768), (16 * 768,)):
@@ -520,6 +692,12 @@ def fit(voxels, embeddings, out, subject, alphas, rank, no_rescale):
     y = np.asarray(y, np.float32)
     if not np.isfinite(y).all():
         raise InputError(f"{embeddings}: contains NaN or Inf")
+    if kind == "mlp":
+        return _fit_mlp(x, y, out, subject, dict(hidden=hidden, blocks=blocks,
+                                                 projector_hidden=projector_hidden or hidden),
+                        dict(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
+                             patience=patience, seed=seed, device=device))
+    from .decoders.ridge import DEFAULT_ALPHAS, fit_ridge
     try:
         grid = [float(a) for a in alphas.split(",")] if alphas else list(DEFAULT_ALPHAS)
     except ValueError:
@@ -531,6 +709,34 @@ def fit(voxels, embeddings, out, subject, alphas, rank, no_rescale):
     dec.save(out)
     click.echo(f"wrote {out}: {subject}, {dec.voxels} voxels, rank {dec.rank or 'full'}, "
                f"alphas per token {report.alphas}, {report.seconds:.1f} s")
+
+
+def _fit_mlp(x, y, out: Path, subject: str, arch: dict, train: dict) -> None:
+    """fit --kind mlp: train, write atomically, report the held-out numbers."""
+    try:
+        import torch  # noqa: F401
+
+        from .decoders.mlp import MLPConfig
+        from .decoders.train import resolve_device, train_mlp
+    except ImportError as e:
+        raise NsdedgeError(f"--kind mlp trains with torch ({e.name} is missing): pip install 'nsdedge[train]'") from None
+    from .bundle import atomic_writer
+
+    resolve_device(train["device"])                 # a bad --device before anything runs
+    cfg = MLPConfig(voxels=x.shape[1], **arch)
+    with click.progressbar(length=train["epochs"], label=f"mlp h={cfg.hidden} x {cfg.blocks} blocks",
+                           file=sys.stderr, item_show_func=lambda s: s) as bar:
+        def progress(epoch: int, loss: float, val: float) -> None:
+            bar.update(1, f"epoch {epoch} loss {loss:.4f} val {val:.4f}")
+        model, report = train_mlp(x, y, cfg, progress=progress, **train)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(out) as f:
+        from safetensors.torch import save as save_bytes
+
+        f.write(save_bytes({k: v.contiguous() for k, v in model.state_dict().items()}, metadata=model.metadata(subject)))
+    click.echo(f"wrote {out}: {subject}, mlp {cfg.voxels} voxels -> h {cfg.hidden} x {cfg.blocks} blocks, best epoch "
+               f"{report.best_epoch} of {report.epochs}, validation loss {min(report.val_loss):.4f}, token corr "
+               f"{report.val_token_corr:.3f}, 2-way {report.val_two_way:.3f}, {report.seconds:.1f} s")
 
 
 # -- build-engines --------------------------------------------------------------------------------------
@@ -579,8 +785,9 @@ def _done_counter(bar):
 @click.option("--stimuli", type=click.Path(path_type=Path), required=True,
               help="Images: an (N, H, W, 3) .npy (NSD's stimuli, memory-mapped) or a directory.")
 @click.option("--ip-adapter", type=click.Path(path_type=Path), required=True,
-              help="ip-adapter-plus_sd15 .bin or .safetensors (its Resampler makes the tokens).")
-@click.option("--image-encoder", type=click.Path(path_type=Path), required=True, help="CLIP ViT-H vision folder.")
+              help="ip-adapter-plus_sd15 .bin or .safetensors (its Resampler makes the tokens), or a hub id.")
+@click.option("--image-encoder", type=click.Path(path_type=Path), required=True,
+              help="CLIP ViT-H vision folder, or a hub id (h94/IP-Adapter:models/image_encoder).")
 @click.option("--batch", type=click.IntRange(1, 1024), default=16, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Tokens (N, 16, 768) .npy.")
 def embed(stimuli, ip_adapter, image_encoder, batch, out):
@@ -588,6 +795,8 @@ def embed(stimuli, ip_adapter, image_encoder, batch, out):
     from .eval.images import ImageSet
 
     images = ImageSet(stimuli)
+    ip_adapter = _local_weights(ip_adapter, "ip_adapter", "--ip-adapter", {})
+    image_encoder = _local_weights(image_encoder, "image_encoder", "--image-encoder", {})
     try:
         from .export.embed import embed_images
         from .export.ip_adapter import read_ip_adapter
@@ -605,6 +814,19 @@ def embed(stimuli, ip_adapter, image_encoder, batch, out):
         progress = _done_counter(bar)
         embed_images(images, ip, enc, out, batch=batch, progress=progress)
     click.echo(f"wrote {out}: ({len(images)}, {ip.num_tokens}, {ip.resampler.output_dim}) tokens from {stimuli}")
+
+
+# -- doctor ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
+def doctor(as_json):
+    """What this machine can run: versions, providers that start, GPUs, disk, hub weights in the cache."""
+    from .bundle import json_text
+    from .doctor import format_report, report
+
+    _quiet_onnxruntime()
+    r = report()
+    click.echo(json_text(r) if as_json else format_report(r))
 
 
 # -- eval -----------------------------------------------------------------------------------------------

@@ -40,6 +40,48 @@ def tiny_bundle(tiny_weights, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_trt_bundle(tmp_path_factory) -> Path:
+    """The tiny preset exported for TensorRT (plain attention, no contrib ops; subject synth01)."""
+    pytest.importorskip("diffusers")
+    from nsdedge.export.build import export_bundle
+    from nsdedge.export.presets import build_preset
+
+    out = tmp_path_factory.mktemp("trt-target") / "tiny"
+    export_bundle(build_preset("tiny"), out, target="tensorrt")
+    return out
+
+
+MLP_SMALL = dict(voxels=48, hidden=32, blocks=2, projector_hidden=24)
+
+
+@pytest.fixture(scope="session")
+def two_subject_bundle(tmp_path_factory) -> Path:
+    """`export --preset tiny --decoder subj02=MLP`: the preset's ridge subject synth01 (256 voxels) and a
+    BrainGuard-style MLP subject subj02 (48 voxels)."""
+    torch = pytest.importorskip("torch")
+    from nsdedge.decoders.mlp import BrainGuardMLP, MLPConfig
+
+    root = tmp_path_factory.mktemp("two-subjects")
+    torch.manual_seed(0)
+    mlp = BrainGuardMLP(MLPConfig(block_order="linear-ln-gelu", **MLP_SMALL)).eval()
+    mlp.x_mean.normal_()
+    mlp.x_std.uniform_(0.5, 2.0)
+    mlp.save(root / "mlp.safetensors", "ignored")
+    r = run_cli("export", "--preset", "tiny", "--decoder", f"subj02={root / 'mlp.safetensors'}", "--out",
+                str(root / "b"))
+    assert r.returncode == 0, r.stderr
+    return root / "b"
+
+
+def derived(fp32: Path, out: Path, precision: str, **kw) -> Path:
+    """`out`: a bundle converted from the exported fp32 bundle `fp32` (export --from-bundle, no tracing)."""
+    from nsdedge.export.build import derive_bundle
+
+    derive_bundle(fp32, out, precision=precision, **kw)
+    return out
+
+
 @pytest.fixture()
 def trial(tmp_path) -> Path:
     p = tmp_path / "trial.npy"

@@ -144,3 +144,6 @@ def test_default_bundle_and_example(tmp_path):
     r = run_cli("run", "--voxels", str(ROOT / "examples" / "trial.npy"), "--steps", "2", "--out",
                 str(tmp_path / "again.png"), env=env)
     assert r.returncode == 0 and "building the default bundle" not in r.stderr
+    notice = [line for line in r.stderr.splitlines() if "random" in line]     # said once, pointing to the README
+    assert len(notice) == 1 and "Real reconstructions" in notice[0]
+    assert "## Real reconstructions" in (ROOT / "README.md").read_text()

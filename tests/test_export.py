@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nsdedge.bundle import SCHEMA_VERSION, read_manifest
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 pytest.importorskip("diffusers")
 
@@ -105,11 +105,13 @@ def test_failed_export_leaves_no_bundle(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_force_replaces_atomically(tmp_path):
+def test_force_replaces_atomically(tiny_bundle, tmp_path):
+    import shutil
+
     from nsdedge.export import build, presets
 
     out = tmp_path / "b"
-    build.export_bundle(presets.build_preset("tiny", seed=0), out)
+    shutil.copytree(tiny_bundle, out)                  # an exported bundle (preset tiny, seed 0)
     first = json.loads((out / "manifest.json").read_text())["files"]["unet.onnx"]["sha256"]
     build.export_bundle(presets.build_preset("tiny", seed=1), out, force=True)
     second = read_manifest(out).files["unet.onnx"]["sha256"]
@@ -152,3 +154,17 @@ def test_bad_weight_files_are_named(tiny_weights, tmp_path):
                 str(tiny_weights["image_encoder"]), "--decoder", f"s1={tiny_weights['decoder-synth01']}",
                 "--out", str(out))
     assert r.returncode == 2 and "missing unet/" in r.stderr
+
+
+def test_from_bundle_refuses_what_it_cannot_convert(tiny_bundle, tmp_path):
+    """export --from-bundle: only an fp32 ONNX bundle, as it is (no weight options), TensorRT only from a bundle
+    exported for it; one line, nothing written."""
+    cases = ((["--from-bundle", str(tiny_bundle), "--preset", "tiny", "--precision", "fp16"], "would need a new export"),
+             (["--from-bundle", str(tmp_path), "--precision", "fp16"], "not a bundle"),
+             (["--from-bundle", str(tiny_bundle), "--precision", "int8", "--target", "tensorrt", "--calibration-voxels",
+               str(ROOT / "examples" / "trial.npy")], "fused attention, which TensorRT cannot parse"),
+             (["--from-bundle", str(tiny_bundle)], "already an fp32 onnx bundle"))
+    for args, message in cases:
+        r = run_cli("export", *args, "--out", str(tmp_path / "b"))
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "b").exists()

@@ -56,17 +56,14 @@ def test_onnx_export_parity(tmp_path):
     assert files == ["d.onnx"] and entry["parity"]["ip_tokens"] < 1e-5 and entry["kind"] == "mlp"
 
 
-def test_bundle_with_two_subjects_of_both_kinds(tmp_path):
+def test_bundle_with_two_subjects_of_both_kinds(two_subject_bundle, tmp_path):
     """--decoder with a preset: the preset's synthetic ridge subject plus an MLP subject, run by --subject."""
     import numpy as np
 
     from nsdedge.bundle import read_manifest
     from tests.conftest import run_cli
 
-    _model("linear-ln-gelu").save(tmp_path / "mlp.safetensors", "ignored")
-    out = tmp_path / "b"
-    r = run_cli("export", "--preset", "tiny", "--decoder", f"subj02={tmp_path / 'mlp.safetensors'}", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    out = two_subject_bundle
     m = read_manifest(out)
     assert m.subjects == {"synth01": "decoder-synth01", "subj02": "decoder-subj02"}
     assert m.components["decoder-subj02"].extra["kind"] == "mlp"

@@ -13,7 +13,7 @@ import pytest
 from nsdedge.bundle import read_manifest
 from nsdedge.errors import ProviderError
 from nsdedge.runtime import Reconstructor
-from tests.conftest import run_cli
+from tests.conftest import derived, run_cli
 
 pytest.importorskip("openvino")
 
@@ -23,9 +23,11 @@ def ov_bundles(tmp_path_factory, tiny_bundle):
     """The tiny preset exported for OpenVINO (fp32 and int8); `onnx`: the same weights exported for onnxruntime."""
     root = tmp_path_factory.mktemp("openvino")
     out = {"onnx": tiny_bundle}
-    for name, args in {"ov-fp32": ["--target", "openvino"],
-                       "ov-int8": ["--target", "openvino", "--precision", "int8"]}.items():
-        r = run_cli("export", "--preset", "tiny", *args, "--out", str(root / name))
+    # fp32 exported for OpenVINO (standard attention ops); int8 converted from the exported fp32 ONNX bundle
+    for name, args in {"ov-fp32": ["--preset", "tiny", "--target", "openvino"],
+                       "ov-int8": ["--from-bundle", str(tiny_bundle), "--target", "openvino", "--precision",
+                                   "int8"]}.items():
+        r = run_cli("export", *args, "--out", str(root / name))
         assert r.returncode == 0, r.stderr
         out[name] = root / name
     return out
@@ -68,10 +70,7 @@ def test_bf16_is_an_explicit_choice(ov_bundles, tmp_path, monkeypatch):
     from nsdedge.runtime import ov_session
 
     if ov_session.bf16_supported():
-        r = run_cli("export", "--preset", "tiny", "--target", "openvino", "--precision", "bf16",
-                    "--out", str(tmp_path / "bf16"))
-        assert r.returncode == 0, r.stderr
-        m = read_manifest(tmp_path / "bf16")
+        m = read_manifest(derived(ov_bundles["onnx"], tmp_path / "bf16", "bf16", target="openvino"))
         assert m.components["unet"].precision == "bf16" and min(m.extra["fidelity"]["psnr_db"]) >= 25
         rec = Reconstructor(tmp_path / "bf16")
         assert rec.session("unet").hint == "bf16"
@@ -111,13 +110,13 @@ def test_openvino_runtime_runs_without_torch(ov_bundles, tmp_path, trial):
     assert record["key"]["provider"] == "openvino"
 
 
-def test_full_int8_recipe_from_recorded_calibration(tmp_path):
+def test_full_int8_recipe_from_recorded_calibration(tiny_bundle, tmp_path):
     """The UNet's activations quantized by NNCF from the pipeline's own recorded inputs (every step, both guidance
     halves); refused without calibration data, and a broken calibration file is one line."""
     np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32))
     out = tmp_path / "full"
-    r = run_cli("export", "--preset", "tiny", "--target", "openvino", "--precision", "int8", "--int8-recipe", "full",
-                "--calibration-voxels", str(tmp_path / "calib.npy"), "--out", str(out))
+    r = run_cli("export", "--from-bundle", str(tiny_bundle), "--target", "openvino", "--precision", "int8",
+                "--int8-recipe", "full", "--calibration-voxels", str(tmp_path / "calib.npy"), "--out", str(out))
     assert r.returncode == 0, r.stderr
     f = read_manifest(out).extra["fidelity"]
     assert f["calibration_calls"]["unet"] == 2 * 10 and "activations" in f["int8_scheme"]   # 2 fit trials x 10 steps

@@ -6,24 +6,22 @@ import pytest
 from nsdedge.bundle import read_manifest
 from nsdedge.errors import NsdedgeError
 from nsdedge.runtime import Reconstructor
-from tests.conftest import run_cli
+from tests.conftest import derived, run_cli
 
 pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
+def bundles(tmp_path_factory, tiny_bundle):
+    """fp16 exported from the preset (export's own path: trace, then convert); int8 with each op set converted from
+    the exported fp32 tiny bundle (export --from-bundle: the same conversion, no second trace)."""
     from nsdedge.export.build import export_bundle
     from nsdedge.export.presets import build_preset
 
     root = tmp_path_factory.mktemp("q")
-    out = {}
-    for p in ("fp16", "int8"):
-        export_bundle(build_preset("tiny"), root / p, precision=p)
-        out[p] = root / p
-    export_bundle(build_preset("tiny"), root / "int8conv", precision="int8", int8_ops="matmul+conv")
-    out["int8conv"] = root / "int8conv"
-    return out
+    export_bundle(build_preset("tiny"), root / "fp16", precision="fp16")
+    return {"fp16": root / "fp16", "int8": derived(tiny_bundle, root / "int8", "int8"),
+            "int8conv": derived(tiny_bundle, root / "int8conv", "int8", int8_ops="matmul+conv")}
 
 
 def _size(bundle, comp):
@@ -52,7 +50,8 @@ def test_int8_bundle(bundles, tiny_bundle):
     # tiny: the float K/V projections of the 768-wide tokens weigh a lot here (full size: 0.28x, README)
     assert _size(bundles["int8"], "unet") < 0.75 * _size(tiny_bundle, "unet")       # MatMuls and conv weights
     assert _size(bundles["int8conv"], "unet") < 0.75 * _size(tiny_bundle, "unet")
-    assert _size(bundles["int8"], "decoder-synth01") < 0.35 * _size(tiny_bundle, "decoder-subj01")
+    assert _size(bundles["int8"], "decoder-subj01") < 0.35 * _size(tiny_bundle, "decoder-subj01")
+    assert read_manifest(bundles["int8"]).extra["converted_from"]["manifest_sha256"] == read_manifest(tiny_bundle).sha256
     f = m.extra["fidelity"]
     assert 1e-4 < f["component_rel_l2"]["unet"] < 0.1         # quantized, and not broken
     assert min(f["psnr_db"]) >= 30
@@ -127,15 +126,11 @@ def test_calibrate_command(tiny_bundle, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trt_int8(tmp_path_factory):
-    from nsdedge.export.build import export_bundle
-    from nsdedge.export.presets import build_preset
-
+def trt_int8(tmp_path_factory, tiny_trt_bundle):
     root = tmp_path_factory.mktemp("trt")
     vox = root / "calib.npy"
     np.save(vox, np.random.default_rng(5).standard_normal((5, 256)).astype(np.float32))  # 3 calibrate, 2 held out
-    export_bundle(build_preset("tiny"), root / "b", precision="int8", target="tensorrt", calibration_voxels=vox)
-    return root / "b"
+    return derived(tiny_trt_bundle, root / "b", "int8", target="tensorrt", calibration_voxels=vox)
 
 
 def test_tensorrt_int8_is_static_qdq_from_calibration(trt_int8, tiny_bundle):
@@ -191,7 +186,7 @@ def test_tensorrt_int8_needs_calibration(tmp_path):
         assert not (tmp_path / "b").exists()
 
 
-def test_tensorrt_int8_from_recorded_calibration_file(tiny_bundle, tmp_path):
+def test_tensorrt_int8_from_recorded_calibration_file(tiny_bundle, tiny_trt_bundle, tmp_path):
     """`nsdedge calibrate` output is reused by export --calibration. It was recorded on the tiny bundle (same
     UNet and VAE as the preset) whose subject is subj01: the preset's decoder synth01 has no calibration inputs
     and stays fp32 rather than being quantized blind."""
@@ -199,8 +194,8 @@ def test_tensorrt_int8_from_recorded_calibration_file(tiny_bundle, tmp_path):
     r = run_cli("calibrate", "--bundle", str(tiny_bundle), "--voxels", str(tmp_path / "v.npy"), "--steps", "3",
                 "--out", str(tmp_path / "c.npz"))
     assert r.returncode == 0, r.stderr
-    r = run_cli("export", "--preset", "tiny", "--precision", "int8", "--target", "tensorrt", "--calibration",
-                str(tmp_path / "c.npz"), "--out", str(tmp_path / "b"))
+    r = run_cli("export", "--from-bundle", str(tiny_trt_bundle), "--precision", "int8", "--target", "tensorrt",
+                "--calibration", str(tmp_path / "c.npz"), "--out", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr
     m = read_manifest(tmp_path / "b")
     f = m.extra["fidelity"]

@@ -34,31 +34,19 @@ from tests.fake_tensorrt import (
 pytest.importorskip("onnx")
 
 
-@pytest.fixture(scope="module")
-def trt_bundle(tmp_path_factory):
-    """The tiny preset exported for TensorRT (plain attention, no contrib ops)."""
-    pytest.importorskip("diffusers")
-    from nsdedge.export.build import export_bundle
-    from nsdedge.export.presets import build_preset
-
-    out = tmp_path_factory.mktemp("trt-target") / "tiny"
-    export_bundle(build_preset("tiny"), out, target="tensorrt")
-    return out
-
-
 def calls(gpu, name: str) -> list[tuple]:
     return [c for c in gpu.calls if c[0] == name]
 
 
-def test_tensorrt_10_builds_with_flags_reuses_and_strongly_typed_when_asked(trt_bundle, tmp_path, monkeypatch):
+def test_tensorrt_10_builds_with_flags_reuses_and_strongly_typed_when_asked(tiny_trt_bundle, tmp_path, monkeypatch):
     gpu = install(monkeypatch, TENSORRT_10)
-    m = read_manifest(trt_bundle, verify=False)
+    m = read_manifest(tiny_trt_bundle, verify=False)
     device = this_device()
     assert device == Device(GPU_NAME, "9.0", TENSORRT_10) and not device.strongly_typed
     cache = tmp_path / "engines"
     folder = cache / device.folder()
     assert not folder.exists()                                    # the first build on this GPU makes it
-    plans = build_engines(trt_bundle, m, cache)
+    plans = build_engines(tiny_trt_bundle, m, cache)
     assert set(plans) == {"unet", "vae_decoder"}
     for comp, plan in plans.items():
         key = engine_key(m, comp, device)
@@ -74,20 +62,20 @@ def test_tensorrt_10_builds_with_flags_reuses_and_strongly_typed_when_asked(trt_
     gpu.calls.clear()                                              # built already: nothing is rebuilt
     mtimes = {k: p.stat().st_mtime_ns for k, p in plans.items()}
     said = []
-    assert build_engines(trt_bundle, m, cache, progress=said.append) == plans
+    assert build_engines(tiny_trt_bundle, m, cache, progress=said.append) == plans
     assert not calls(gpu, "build_serialized_network") and {k: p.stat().st_mtime_ns for k, p in plans.items()} == mtimes
     assert said == ["unet: engine up to date", "vae_decoder: engine up to date"]
 
-    strong = build_engines(trt_bundle, m, cache, strongly_typed=True)  # another engine, beside the first
+    strong = build_engines(tiny_trt_bundle, m, cache, strongly_typed=True)  # another engine, beside the first
     assert all(strong[k] != plans[k] and plans[k].exists() for k in plans)
     bit = 1 << int(sys.modules["tensorrt"].NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     assert calls(gpu, "create_network") == [("create_network", bit)] * 2 and not calls(gpu, "set_flag")
     assert json.loads(strong["unet"].with_suffix(".json").read_text())["key"]["flags"] == ["strongly-typed"]
     only_typed = tmp_path / "typed"                                # built --strongly-typed alone: run finds it
-    build_engines(trt_bundle, m, only_typed, strongly_typed=True)
+    build_engines(tiny_trt_bundle, m, only_typed, strongly_typed=True)
     x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
-    typed = Reconstructor(trt_bundle, "engine", engine_cache=only_typed, verify=False)(x, steps=2)
-    assert np.abs(typed.astype(int) - Reconstructor(trt_bundle, "cpu")(x, steps=2).astype(int)).max() <= 1
+    typed = Reconstructor(tiny_trt_bundle, "engine", engine_cache=only_typed, verify=False)(x, steps=2)
+    assert np.abs(typed.astype(int) - Reconstructor(tiny_trt_bundle, "cpu")(x, steps=2).astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("version, asked, network, flags, key", [
@@ -96,37 +84,37 @@ def test_tensorrt_10_builds_with_flags_reuses_and_strongly_typed_when_asked(trt_
     (TENSORRT_11, False, 0, [], ("strongly-typed",)),               # 11: strongly typed whatever is asked
     (TENSORRT_11, True, 0, [], ("strongly-typed",)),
 ])
-def test_fp16_precision_per_tensorrt(trt_bundle, tmp_path, monkeypatch, version, asked, network, flags, key):
+def test_fp16_precision_per_tensorrt(tiny_trt_bundle, tmp_path, monkeypatch, version, asked, network, flags, key):
     gpu = install(monkeypatch, version)
-    m = read_manifest(trt_bundle, verify=False)
+    m = read_manifest(tiny_trt_bundle, verify=False)
     for comp in m.components.values():
         comp.precision = "fp16"                                    # as an fp16 bundle's manifest says
-    plans = build_engines(trt_bundle, m, tmp_path, strongly_typed=asked)
+    plans = build_engines(tiny_trt_bundle, m, tmp_path, strongly_typed=asked)
     assert engine_key(m, "unet", this_device(), strongly_typed=asked).flags == key
     assert calls(gpu, "create_network") == [("create_network", network)] * 2
     assert [c[1] for c in calls(gpu, "set_flag")] == flags * 2
     assert json.loads(plans["unet"].read_bytes())["flags"] == flags
 
 
-def test_tensorrt_11_refuses_a_weakly_typed_key(trt_bundle, tmp_path, monkeypatch):
+def test_tensorrt_11_refuses_a_weakly_typed_key(tiny_trt_bundle, tmp_path, monkeypatch):
     gpu = install(monkeypatch, TENSORRT_11)
-    m = read_manifest(trt_bundle, verify=False)
+    m = read_manifest(tiny_trt_bundle, verify=False)
     m.components["unet"].precision = "fp16"
     assert this_device().strongly_typed
     key = engine_key(m, "unet", Device(GPU_NAME, "9.0", TENSORRT_10))             # made for TensorRT 10
     with pytest.raises(NsdedgeError, match="builds only strongly typed networks"):
-        build_engine(trt_bundle / "unet.onnx", key, tmp_path / "timing.cache")
+        build_engine(tiny_trt_bundle / "unet.onnx", key, tmp_path / "timing.cache")
     assert not calls(gpu, "create_network")                       # refused before anything is built
 
 
 @pytest.mark.parametrize("version", [TENSORRT_10, TENSORRT_11])
-def test_engine_images_match_cpu_and_calls_are_in_order(trt_bundle, tmp_path, monkeypatch, version):
+def test_engine_images_match_cpu_and_calls_are_in_order(tiny_trt_bundle, tmp_path, monkeypatch, version):
     gpu = install(monkeypatch, version)
-    build_engines(trt_bundle, read_manifest(trt_bundle, verify=False), tmp_path)
+    build_engines(tiny_trt_bundle, read_manifest(tiny_trt_bundle, verify=False), tmp_path)
     gpu.calls.clear()
     x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
-    engine = Reconstructor(trt_bundle, "engine", engine_cache=tmp_path)(x, steps=2)
-    cpu = Reconstructor(trt_bundle, "cpu")(x, steps=2)
+    engine = Reconstructor(tiny_trt_bundle, "engine", engine_cache=tmp_path)(x, steps=2)
+    cpu = Reconstructor(tiny_trt_bundle, "cpu")(x, steps=2)
     assert engine.shape == cpu.shape and np.abs(engine.astype(int) - cpu.astype(int)).max() <= 1
 
     assert len(calls(gpu, "execute_async_v3")) == 3                # two UNet steps, one VAE decode
@@ -154,11 +142,11 @@ def test_engine_images_match_cpu_and_calls_are_in_order(trt_bundle, tmp_path, mo
     assert ("set_optimization_profile_async", 0) in gpu.calls[end:]    # the VAE decodes batch 1
 
 
-def test_bound_constants_are_uploaded_once(trt_bundle, tmp_path, monkeypatch):
+def test_bound_constants_are_uploaded_once(tiny_trt_bundle, tmp_path, monkeypatch):
     gpu = install(monkeypatch, TENSORRT_11)
-    build_engines(trt_bundle, read_manifest(trt_bundle, verify=False), tmp_path)
-    unet = open_session(trt_bundle, "unet", "engine", engine_cache=tmp_path)
-    cpu = open_graph(trt_bundle / "unet.onnx", "cpu")
+    build_engines(tiny_trt_bundle, read_manifest(tiny_trt_bundle, verify=False), tmp_path)
+    unet = open_session(tiny_trt_bundle, "unet", "engine", engine_cache=tmp_path)
+    cpu = open_graph(tiny_trt_bundle / "unet.onnx", "cpu")
     rng = np.random.default_rng(0)
     const = {"encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32),
              "ip_tokens": rng.standard_normal((2, 16, 768), dtype=np.float32), "ip_scale": np.array([0.7], np.float32)}
@@ -178,13 +166,13 @@ def test_bound_constants_are_uploaded_once(trt_bundle, tmp_path, monkeypatch):
         unet.run(steps[0])                                         # outside the block the constants are gone
 
 
-def test_the_fakes_refuse_what_tensorrt_and_cuda_refuse(trt_bundle, monkeypatch):
+def test_the_fakes_refuse_what_tensorrt_and_cuda_refuse(tiny_trt_bundle, monkeypatch):
     """The checks the tests above rely on do bite."""
     install(monkeypatch, TENSORRT_10)
     trt, cudart = sys.modules["tensorrt"], require_cudart()
     builder = trt.Builder(trt.Logger())
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    trt.OnnxParser(network, trt.Logger()).parse_from_file(str(trt_bundle / "vae_decoder.onnx"))
+    trt.OnnxParser(network, trt.Logger()).parse_from_file(str(tiny_trt_bundle / "vae_decoder.onnx"))
     config = builder.create_builder_config()
     config.set_flag(trt.BuilderFlag.FP16)
     config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)

@@ -73,11 +73,13 @@ class BrainGuardMLP(nn.Module):
         t = self.head(h).view(-1, self.cfg.tokens, self.cfg.width)    # (N, 16, 768)
         return self.projector(t)
 
+    def metadata(self, subject: str) -> dict[str, str]:
+        return {"format": "nsdedge-decoder", "kind": "mlp", "subject": subject, "config": json.dumps(asdict(self.cfg))}
+
     def save(self, path: str | Path, subject: str) -> None:
         from safetensors.torch import save_file
 
-        meta = {"format": "nsdedge-decoder", "kind": "mlp", "subject": subject, "config": json.dumps(asdict(self.cfg))}
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=self.metadata(subject))
 
 
 def infer_config(sd: dict[str, torch.Tensor], source: str) -> MLPConfig:

@@ -55,6 +55,12 @@ def io_signature(path: Path) -> tuple[list, list]:
     return [entry(v) for v in model.graph.input], [entry(v) for v in model.graph.output]
 
 
+# torch.export guards the batch of the UNet and VAE graphs at <= 63 (diffusers' kernels); declared up front, the
+# exporter traces once instead of failing, refining the bound and tracing again (a third of a tiny export's time).
+# The ONNX graphs keep a symbolic batch.
+MAX_BATCH = 63
+
+
 def _dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, object] | None]:
     dims: dict[str, object] = {}
     shapes: dict[str, dict[int, object] | None] = {}
@@ -66,7 +72,8 @@ def _dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, object] | None]:
         shapes[name] = {}
         for axis, (dim_name, multiple) in axes.items():
             if dim_name not in dims:
-                base = torch.export.Dim(f"{dim_name}_over_{multiple}" if multiple > 1 else dim_name, min=1, max=4096)
+                top = MAX_BATCH if dim_name == "batch" else 4096
+                base = torch.export.Dim(f"{dim_name}_over_{multiple}" if multiple > 1 else dim_name, min=1, max=top)
                 dims[dim_name] = base * multiple if multiple > 1 else base
             shapes[name][axis] = dims[dim_name]
     return shapes

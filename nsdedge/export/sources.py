@@ -46,6 +46,7 @@ class Sources:
     tiny_vae: object | None = None  # diffusers AutoencoderTiny (TAESD)
     full_vae: bool = True           # False: the bundle carries the tiny VAE only
     run_defaults: dict = field(default_factory=dict)   # settings the bundle is meant to run with
+    hub: dict = field(default_factory=dict)            # option -> hub id, revision, commit, path (hub.py)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -82,12 +82,13 @@ class Trials:
 
     path: Path
     rows: list[int]                 # row numbers in the file: each image's name and seed offset
-    voxels: np.ndarray              # (len(rows), V) float32
+    voxels: np.ndarray | None       # (len(rows), V) float32; None: checked (scan_voxels), not held (a job's driver)
+    digest: str | None = None       # the file's sha256 when it is already known
 
     @cached_property
     def sha256(self) -> str:
         """Of the whole file: the run record's identity of the input (read only when a record is kept)."""
-        return sha256_file(self.path)
+        return self.digest or sha256_file(self.path)
 
 
 def parse_trials(text: str | slice | None, what: str = "trials") -> slice | None:
