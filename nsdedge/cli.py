@@ -739,6 +739,80 @@ def _fit_mlp(x, y, out: Path, subject: str, arch: dict, train: dict) -> None:
                f"{report.val_token_corr:.3f}, 2-way {report.val_two_way:.3f}, {report.seconds:.1f} s")
 
 
+@cli.command("fit-federated")
+@click.option("--subject", "subjects", multiple=True, required=True, metavar="S=X.npy:Y.npy",
+              help="A subject (client): its voxels (N, V) and tokens (N, 16, 768); repeat for each.")
+@click.option("--rounds", type=click.IntRange(1, 100000), default=20, show_default=True)
+@click.option("--local-steps", type=click.IntRange(1, 100000), default=1, show_default=True,
+              help="Minibatch steps each client trains per round.")
+@click.option("--adaptive-layers", type=click.IntRange(0, 1000), default=2, show_default=True,
+              help="m: the last m shared layers are blended with the global ones by adaptive local aggregation.")
+@click.option("--hidden", type=click.IntRange(1, 65536), default=2048, show_default=True)
+@click.option("--blocks", type=click.IntRange(0, 64), default=4, show_default=True)
+@click.option("--projector-hidden", type=click.IntRange(1, 65536), help="[default: --hidden]")
+@click.option("--batch-size", type=click.IntRange(2, 65536), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, 10, min_open=True), default=3e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cpus-per-client", type=click.FloatRange(0.01, 1024), default=1.0, show_default=True,
+              help="CPUs each simulated client reserves on the local Ray.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Directory: SUBJECT.safetensors per subject and federated.json.")
+def fit_federated(subjects, rounds, local_steps, adaptive_layers, hidden, blocks, projector_hidden, batch_size, lr,
+                  seed, cpus_per_client, out):
+    """Train the MLP decoder across subjects with Flower (simulated here, one client per subject): shared layers
+    averaged, each subject's input layer kept on its client."""
+    from .bundle import check_subject, check_writable
+    from .voxels import scan_voxels
+
+    spec = []
+    for v in subjects:
+        name, sep, files = v.partition("=")
+        x, sep2, y = files.partition(":")
+        if not sep or not sep2 or not name or not x or not y:
+            raise InputError(f"--subject {v!r}: expected SUBJECT=VOXELS.npy:EMBEDDINGS.npy")
+        check_subject(name)
+        rows, _ = scan_voxels(Path(x))
+        emb = _load_embeddings(Path(y))
+        if emb.shape[0] != len(rows) or emb.shape[1:] not in ((16, 768), (16 * 768,)):
+            raise InputError(f"{y}: shape {emb.shape}, expected ({len(rows)}, 16, 768) to match {x}")
+        spec.append((name, x, y))
+    names = [s[0] for s in spec]
+    if len(set(names)) != len(names):
+        raise InputError(f"--subject: a subject given twice in {names}")
+    if len(spec) < 2:
+        raise InputError("federated training needs at least two --subject; for one, use `nsdedge fit --kind mlp`")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory")
+    taken = [p for p in [*(out / f"{n}.safetensors" for n in names), out / "federated.json"] if p.exists()]
+    if taken:
+        raise InputError(f"{out} already holds {taken[0].name}; choose another --out")
+    check_writable(out / "federated.json")
+    try:
+        import torch  # noqa: F401
+
+        from .decoders.federated import FedSettings
+        from .decoders.flower_apps import run_simulation
+    except ImportError as e:
+        raise NsdedgeError(f"fit-federated needs Flower and torch ({e.name} is missing): "
+                           f"pip install 'nsdedge[federated]'") from None
+    settings = FedSettings(hidden=hidden, blocks=blocks, projector_hidden=projector_hidden or hidden,
+                           local_steps=local_steps, adaptive_layers=adaptive_layers, batch_size=batch_size, lr=lr,
+                           seed=seed)
+    if log.level > logging.INFO:
+        logging.getLogger("flwr").setLevel(logging.WARNING)      # the CLI owns its process: Flower's INFO lines
+    click.echo(f"Flower simulation: {len(spec)} clients ({', '.join(names)}), {rounds} rounds of {local_steps} "
+               f"local step(s), {adaptive_layers} adaptive layer(s)", err=True)
+    t0 = time.perf_counter()
+    report = run_simulation(spec, settings, rounds, out, cpus_per_client=cpus_per_client)
+    seconds = time.perf_counter() - t0
+    last = report["evaluate"][str(rounds)]
+    for i, name in enumerate(names):
+        click.echo(f"wrote {out / (name + '.safetensors')}: held-out token corr {last[f'token_corr-{i}']:.3f}, "
+                   f"2-way {last[f'two_way-{i}']:.3f}")
+    click.echo(f"{rounds} rounds in {seconds:.1f} s ({seconds / rounds:.2f} s per round, Ray and Flower's start "
+               f"included); report in {out / 'federated.json'}")
+
+
 # -- build-engines --------------------------------------------------------------------------------------
 @cli.command("build-engines")
 @click.argument("bundle", type=click.Path(path_type=Path))

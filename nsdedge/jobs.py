@@ -111,6 +111,9 @@ def read_job(path: str | Path) -> Job:
              "seed": int, "threads": int}
     if not isinstance(settings, dict) or any(k not in kinds for k in settings):
         raise InputError(f"{path}: \"settings\" takes {', '.join(kinds)}")
+    for k, v in settings.items():
+        if isinstance(v, bool) or not isinstance(v, kinds[k]):
+            raise InputError(f"{path}: settings.{k} is {v!r}, not a {getattr(kinds[k], '__name__', 'number')}")
     base = path.parent
 
     def where(p) -> Path:
@@ -139,6 +142,13 @@ def check(job: Job) -> tuple[list[_Checked], object, object]:
         raise InputError("a job needs at least one work item")
     if job.bundle is None:
         raise InputError("a job needs a bundle")
+    from .runtime.session import PROVIDER_NAMES
+
+    if job.provider not in PROVIDER_NAMES:
+        raise InputError(f"unknown provider {job.provider!r} (choose from {', '.join(PROVIDER_NAMES)})")
+    if job.threads is not None and (isinstance(job.threads, bool) or not isinstance(job.threads, int)
+                                    or job.threads < 1):
+        raise InputError(f"threads must be a whole number >= 1, got {job.threads!r}")
     settings = Settings(job.steps, job.guidance, job.ip_scale, job.scheduler, job.seed, job.vae)
     outs = [Path(w.out).absolute() for w in job.work]
     if len(set(outs)) != len(outs):

@@ -126,7 +126,7 @@ def train_mlp(x: np.ndarray, y: np.ndarray, cfg: MLPConfig, *, epochs: int = 50,
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * len(rows)
+                total += float(loss.detach()) * len(rows)
             model.eval()
             with torch.no_grad():
                 val = float(decoder_loss(model(xt[va]), yt[va], clip_weight))

@@ -172,19 +172,27 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
         if precision != "fp32" or target == "openvino":      # OpenVINO: IR from the fp32 graphs, fidelity checked
             import gc
 
-            from .quantize import INT8_OP_CHOICES, quantize_bundle
-
             # the torch modules are done with and hold GBs (SD 1.5: about 4.5): free them before the quantizer
             # and the fidelity runs load graphs of their own
             src.unet = src.vae = src.text_encoder = src.image_encoder = src.tiny_vae = None
             gc.collect()
-            quantize_bundle(w, manifest, precision, calibration_voxels=calibration_voxels,
-                            int8_ops=INT8_OP_CHOICES[int8_ops], target=target, calibration=calibration,
-                            progress=progress, int8_recipe=int8_recipe)
-        manifest.extra["export_seconds"] = round(time.perf_counter() - t_start, 2)
-        progress("writing manifest and checksums")
-        w.commit(manifest)
+            _convert(w, manifest, precision, progress, calibration_voxels=calibration_voxels, int8_ops=int8_ops,
+                     target=target, calibration=calibration, int8_recipe=int8_recipe)
+        _commit(w, manifest, t_start, progress)
     return manifest
+
+
+def _convert(w: BundleWriter, manifest: Manifest, precision: str, progress, *, int8_ops: str, **kw) -> None:
+    """The fp32 graphs in `w` converted to `precision` / the target, with the fidelity report (quantize.py)."""
+    from .quantize import INT8_OP_CHOICES, quantize_bundle
+
+    quantize_bundle(w, manifest, precision, int8_ops=INT8_OP_CHOICES[int8_ops], progress=progress, **kw)
+
+
+def _commit(w: BundleWriter, manifest: Manifest, t_start: float, progress) -> None:
+    manifest.extra["export_seconds"] = round(time.perf_counter() - t_start, 2)
+    progress("writing manifest and checksums")
+    w.commit(manifest)
 
 
 def _check_run_defaults(src: Sources) -> None:
@@ -219,7 +227,6 @@ def derive_bundle(fp32: str | Path, out: str | Path, *, precision: str, target: 
     import shutil
 
     from ..bundle import read_manifest
-    from .quantize import INT8_OP_CHOICES, quantize_bundle
 
     fp32, out = Path(fp32), Path(out)
     check_options(precision, target, OPSET, int8_recipe, calibration_voxels, calibration)
@@ -243,10 +250,7 @@ def derive_bundle(fp32: str | Path, out: str | Path, *, precision: str, target: 
         manifest.precision = precision
         manifest.extra.update(target=target, converted_from={"bundle": str(fp32.absolute()),
                                                              "manifest_sha256": source_sha})
-        quantize_bundle(w, manifest, precision, calibration_voxels=calibration_voxels,
-                        int8_ops=INT8_OP_CHOICES[int8_ops], target=target, calibration=calibration,
-                        progress=progress, int8_recipe=int8_recipe)
-        manifest.extra["export_seconds"] = round(time.perf_counter() - t_start, 2)
-        progress("writing manifest and checksums")
-        w.commit(manifest)
+        _convert(w, manifest, precision, progress, calibration_voxels=calibration_voxels, int8_ops=int8_ops,
+                 target=target, calibration=calibration, int8_recipe=int8_recipe)
+        _commit(w, manifest, t_start, progress)
     return manifest
