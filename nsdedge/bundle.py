@@ -7,6 +7,7 @@ into place only after the manifest (with every file's size and sha256) has been 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -98,6 +99,30 @@ def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def create_once(path: Path, data: bytes) -> bool:
+    """Write `path` atomically only if it does not exist yet: False (nothing written) if it does, also when another
+    process creates it at the same moment (a hard link from a complete temporary file never replaces a file; where
+    the filesystem has no hard links, a rename after an existence check)."""
+    path = Path(path)
+    tmp = _new_name(path, ".once")
+    atomic_write_bytes(tmp, data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        if path.exists():
+            return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -275,10 +275,15 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
         raise InputError(f"--lora {lora}: not a .safetensors file")
     if tiny_vae is not None and not tiny_vae.is_dir():
         raise InputError(f"--tiny-vae {tiny_vae}: not a directory (an AutoencoderTiny folder, e.g. madebyollin/taesd)")
-    if no_full_vae and tiny_vae is None and not (preset or "").endswith("-lcm"):
+    few_step_preset = (preset or "").endswith("-lcm")          # brings its LoRA and TAESD
+    if no_full_vae and tiny_vae is None and not few_step_preset:
         raise InputError("--no-full-vae needs --tiny-vae: a bundle needs a VAE decoder")
+    if (defaults or {}).get("vae") == "tiny" and tiny_vae is None and not few_step_preset:
+        raise InputError("run defaults name the tiny VAE but there is none: add --tiny-vae")
     if not math.isfinite(lora_scale):
         raise InputError(f"--lora-scale must be a finite number, got {lora_scale}")
+    if lora_scale != 1.0 and lora is None and not few_step_preset:
+        raise InputError("--lora-scale needs --lora (or a -lcm preset)")
 
     t0 = time.perf_counter()
 
@@ -544,6 +549,9 @@ def _run_job(voxels, job_file, bundle, subject, trials, out, provider, backend, 
         job = Job(bundle, [Work(voxels, subject, out, trials)], provider=provider,
                   **{k: v for k, v in given.items() if v is not None})
     if job.bundle is None:
+        from .jobs import check_inputs
+
+        check_inputs(job)                           # before the default bundle is built: nothing made for nothing
         click.echo(RANDOM_WEIGHTS_NOTICE, err=True)
         job.bundle = default_bundle()
     _quiet_onnxruntime()
@@ -761,6 +769,8 @@ def fit_federated(subjects, rounds, local_steps, adaptive_layers, hidden, blocks
                   seed, cpus_per_client, out):
     """Train the MLP decoder across subjects with Flower (simulated here, one client per subject): shared layers
     averaged, each subject's input layer kept on its client."""
+    import numpy as np
+
     from .bundle import check_subject, check_writable
     from .voxels import scan_voxels
 
@@ -775,6 +785,10 @@ def fit_federated(subjects, rounds, local_steps, adaptive_layers, hidden, blocks
         emb = _load_embeddings(Path(y))
         if emb.shape[0] != len(rows) or emb.shape[1:] not in ((16, 768), (16 * 768,)):
             raise InputError(f"{y}: shape {emb.shape}, expected ({len(rows)}, 16, 768) to match {x}")
+        if len(rows) < 4:
+            raise InputError(f"{x}: {len(rows)} trials; a client needs at least 4 (2 held out for validation)")
+        if not all(np.isfinite(emb[i:i + 256]).all() for i in range(0, len(emb), 256)):
+            raise InputError(f"{y}: contains NaN or Inf")
         spec.append((name, x, y))
     names = [s[0] for s in spec]
     if len(set(names)) != len(names):

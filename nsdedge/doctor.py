@@ -76,14 +76,20 @@ def _gpus() -> list[dict] | str:
         try:
             gpus = []
             for i in range(pynvml.nvmlDeviceGetCount()):
-                h = pynvml.nvmlDeviceGetHandleByIndex(i)
-                name = pynvml.nvmlDeviceGetName(h)
-                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+                try:
+                    h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                    name = pynvml.nvmlDeviceGetName(h)
+                    mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+                    major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+                except Exception as e:  # noqa: BLE001  NVMLError_NotSupported (MIG, vGPU), ...
+                    gpus.append({"name": f"device {i}", "error": type(e).__name__})
+                    continue
                 gpus.append({"name": name.decode() if isinstance(name, bytes) else name,
                              "memory_gb": round(mem.total / 2 ** 30, 1), "free_gb": round(mem.free / 2 ** 30, 1),
                              "compute_capability": f"{major}.{minor}"})
             return gpus
+        except Exception as e:  # noqa: BLE001
+            return f"NVML failed ({type(e).__name__})"
         finally:
             pynvml.nvmlShutdown()
     if shutil.which("nvidia-smi") is None:
@@ -96,12 +102,18 @@ def _gpus() -> list[dict] | str:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"nvidia-smi failed: {e}"
     if r.returncode != 0:
-        return f"nvidia-smi failed: {(r.stderr or r.stdout).strip().splitlines()[:1]}"
+        return f"nvidia-smi failed: {((r.stderr or r.stdout).strip().splitlines() or ['no output'])[0]}"
+
+    def gb(text: str) -> float | None:
+        try:
+            return round(float(text) / 1024, 1)
+        except ValueError:                                # [N/A] on MIG / vGPU
+            return None
     gpus = []
     for line in r.stdout.strip().splitlines():
-        name, total, free, cc = (s.strip() for s in line.split(","))
-        gpus.append({"name": name, "memory_gb": round(float(total) / 1024, 1), "free_gb": round(float(free) / 1024, 1),
-                     "compute_capability": cc})
+        fields = [f.strip() for f in line.split(",")] + ["?"] * 4
+        gpus.append({"name": fields[0], "memory_gb": gb(fields[1]), "free_gb": gb(fields[2]),
+                     "compute_capability": fields[3]})
     return gpus
 
 
@@ -150,6 +162,7 @@ def format_report(r: dict) -> str:
              + "; not installed: " + (", ".join(k for k, v in r["packages"].items() if not v) or "-")]
     gpus = r["gpus"]
     lines.append("gpu: " + (gpus if isinstance(gpus, str) else ", ".join(
+        f"{g['name']} ({g['error']})" if "error" in g else
         f"{g['name']} ({g['memory_gb']} GB, {g['free_gb']} free, sm {g['compute_capability']})" for g in gpus)
         or "none"))
     lines.append("providers (--provider):")

@@ -143,6 +143,11 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 def find_known(cache_dir: str | Path | None = None) -> list[dict]:
     """Which of the README's weights this cache holds, complete or not (for `nsdedge doctor`). Reads only."""
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        raise InputError("hub ids need huggingface_hub (it comes with the export extra): "
+                         "pip install 'nsdedge[export]'") from None
     out = []
     for option, kind, hub_id in KNOWN:
         try:

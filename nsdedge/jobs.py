@@ -13,7 +13,8 @@ number of actors in any order, gives the bytes of one local run. Everything is c
 anything is written: the bundle (hashed once), every voxel file (scanned in row chunks, never held whole), every
 output directory and its run record. Finished images are skipped, so a rerun after a lost worker or an interrupted
 job does only what is missing. On Ray, a worker that dies is replaced by Ray Data (actors restart, their batches
-are retried); a batch that raises is reported as failed rows and the job stops with one line: run it again.
+are retried); rows whose reconstruction raised an NsdedgeError are collected as failed (run_job returns them, the
+CLI ends with one line: run it again); any other error stops the job in one line, keeping what was written.
 
 Ray actors read their rows from the voxel files and write the images themselves: voxel files, the bundle and the
 output directories must be on a filesystem every node sees (NFS, Lustre, a single machine).
@@ -127,30 +128,28 @@ def read_job(path: str | Path) -> Job:
             raise InputError(f"{path}: work[{i}]: voxels, subject, out and trials are strings")
         work.append(Work(where(w["voxels"]), w.get("subject"), where(w.get("out", w.get("subject") or f"work{i}")),
                          w.get("trials"), w.get("seed")))
-    bundle = spec.get("bundle")
-    return Job(where(bundle) if bundle else None, work, provider=spec.get("provider", "auto"), **settings)
+    bundle, provider = spec.get("bundle"), spec.get("provider", "auto")
+    if not isinstance(bundle, (str, type(None))) or not isinstance(provider, str):
+        raise InputError(f"{path}: \"bundle\" and \"provider\" are strings")
+    return Job(where(bundle) if bundle else None, work, provider=provider, **settings)
 
 
-def check(job: Job) -> tuple[list[_Checked], object, object]:
-    """Everything checkable before any graph is opened, across all work; writes nothing. Returns the checked work,
-    the settings resolved against the bundle's run defaults (batch.Settings) and the bundle's manifest."""
-    from .runtime.batch import Settings, Trials, check_job, check_record, parse_trials
-    from .runtime.pipeline import Reconstructor
+def check_inputs(job: Job) -> list[tuple]:
+    """What can be checked without the bundle: the settings, every voxel file (scanned in row chunks), every output
+    directory and the run record it may hold (voxels, settings given, version). Writes nothing."""
+    from .runtime.batch import Settings, Trials, check_job, parse_trials
+    from .runtime.session import PROVIDER_NAMES
     from .voxels import scan_voxels
 
     if not job.work:
         raise InputError("a job needs at least one work item")
-    if job.bundle is None:
-        raise InputError("a job needs a bundle")
-    from .runtime.session import PROVIDER_NAMES
-
     if job.provider not in PROVIDER_NAMES:
         raise InputError(f"unknown provider {job.provider!r} (choose from {', '.join(PROVIDER_NAMES)})")
     if job.threads is not None and (isinstance(job.threads, bool) or not isinstance(job.threads, int)
                                     or job.threads < 1):
         raise InputError(f"threads must be a whole number >= 1, got {job.threads!r}")
     settings = Settings(job.steps, job.guidance, job.ip_scale, job.scheduler, job.seed, job.vae)
-    outs = [Path(w.out).absolute() for w in job.work]
+    outs = [Path(w.out).resolve() for w in job.work]
     if len(set(outs)) != len(outs):
         raise InputError(f"two work items write to {next(o for o in outs if outs.count(o) > 1)}: give each its own out")
     scanned = []
@@ -162,6 +161,19 @@ def check(job: Job) -> tuple[list[_Checked], object, object]:
         tr = Trials(Path(w.voxels), rows, None)
         check_job(tr, w.out, replace(settings, seed=seed))
         scanned.append((w, tr, seed, voxels))
+    return scanned
+
+
+def check(job: Job) -> tuple[list[_Checked], object, object]:
+    """Everything checkable before any graph is opened, across all work; writes nothing. Returns the checked work,
+    the settings resolved against the bundle's run defaults (batch.Settings) and the bundle's manifest."""
+    from .runtime.batch import Settings, check_record
+    from .runtime.pipeline import Reconstructor
+
+    scanned = check_inputs(job)
+    if job.bundle is None:
+        raise InputError("a job needs a bundle")
+    settings = Settings(job.steps, job.guidance, job.ip_scale, job.scheduler, job.seed, job.vae)
     rec = Reconstructor(job.bundle, provider="cpu")          # the manifest, every file hashed once; no graph opened
     resolved = settings.checked().resolved(rec)
     checked = []
@@ -300,10 +312,11 @@ class Shard:
 def _run_ray(job, checked, settings, manifest, result, progress, todo, *, actors, gpus_per_actor, cpus_per_actor,
              ray_address, batch_size) -> None:
     ray = _require_ray()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.ERROR)   # its own start notices
+    started = False
     try:
+        if not ray.is_initialized():      # a Ray of our own (or RAY_ADDRESS / ray_address); its start notices: errors
+            ray.init(address=ray_address, include_dashboard=False, logging_level=logging.ERROR)
+            started = True
         cpus = cpus_per_actor if cpus_per_actor is not None else 1.0
         work = [{"voxels": str(Path(c.work.voxels).absolute()), "subject": c.subject, "out": str(c.out.absolute()),
                  "seed": c.seed, "digest": c.digest} for c in checked]

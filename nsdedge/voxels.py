@@ -93,19 +93,23 @@ def validate_voxels(arr: np.ndarray, name: str, expected_voxels: int | None = No
 def scan_voxels(path: str | Path, rows: slice | None = None, expected_voxels: int | None = None,
                 chunk: int = 256) -> tuple[list[int], int]:
     """Check the selected rows of a voxel file as load_voxels does, `chunk` rows at a time, keeping none of them:
-    (row numbers, voxels per trial). A driver that hands rows to workers checks a whole file this way."""
+    (row numbers, voxels per trial). A driver that hands rows to workers checks a whole file this way. An .npy is
+    memory-mapped; an .npz (a zip: no memory map) is decompressed once here."""
     path = Path(path)
-    first = load_voxels(path, expected_voxels, rows=slice(0, 1))      # header, dtype, rank, length, row 0
+    start = (rows.start or 0) if rows is not None else 0
+    try:                                     # header, dtype, rank and length, on the first selected row
+        first = load_voxels(path, expected_voxels, rows=slice(start, start + 1))
+    except InputError as e:
+        if "select nothing" in str(e):
+            load_voxels(path, expected_voxels, rows=rows)                # the same error, naming the user's range
+        raise
     arr = np.load(path, allow_pickle=False, mmap_mode="r")
-    if isinstance(arr, np.lib.npyio.NpzFile):                          # a zip cannot be memory-mapped
+    if isinstance(arr, np.lib.npyio.NpzFile):
         with arr:
             arr = arr[arr.files[0]]
     if arr.ndim == 1:
         arr = arr[None, :]
-    start = (rows.start or 0) if rows is not None else 0
     stop = min(len(arr), rows.stop if rows is not None and rows.stop is not None else len(arr))
-    if start >= stop:
-        load_voxels(path, expected_voxels, rows=rows)                  # its error: the selection is empty
     for lo in range(start, stop, chunk):
         hi = min(lo + chunk, stop)
         validate_voxels(arr[lo:hi], f"{path} (rows {lo}:{hi})", expected_voxels)

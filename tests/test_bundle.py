@@ -65,3 +65,13 @@ def test_not_a_bundle(tmp_path):
         read_manifest(tmp_path)
     with pytest.raises(BundleError, match="does not exist"):
         read_manifest(tmp_path / "nope")
+
+
+def test_create_once_never_replaces(tmp_path):
+    """The run record of a directory several workers write into: the first complete one stays."""
+    from nsdedge.bundle import create_once
+
+    p = tmp_path / "nsdedge-run.json"
+    assert create_once(p, b"first") is True
+    assert create_once(p, b"second") is False
+    assert p.read_bytes() == b"first" and sorted(q.name for q in tmp_path.iterdir()) == ["nsdedge-run.json"]

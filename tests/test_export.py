@@ -163,7 +163,7 @@ def test_from_bundle_refuses_what_it_cannot_convert(tiny_bundle, tmp_path):
              (["--from-bundle", str(tmp_path), "--precision", "fp16"], "not a bundle"),
              (["--from-bundle", str(tiny_bundle), "--precision", "int8", "--target", "tensorrt", "--calibration-voxels",
                str(ROOT / "examples" / "trial.npy")], "fused attention, which TensorRT cannot parse"),
-             (["--from-bundle", str(tiny_bundle)], "already an fp32 onnx bundle"))
+             (["--from-bundle", str(tiny_bundle)], "is fp32 already"))
     for args, message in cases:
         r = run_cli("export", *args, "--out", str(tmp_path / "b"))
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -81,7 +81,8 @@ def test_fit_command_writes_a_decoder_export_loads(subjects, tmp_path):
     assert dec.cfg.hidden == 32 and dec.cfg.blocks == 1 and dec.cfg.voxels == 120
     files, entry = export_decoder(dec, tmp_path / "d.onnx")
     assert entry["kind"] == "mlp" and entry["parity"]["ip_tokens"] < 1e-5
-    for args, says in ((["--rank", "4"], "ridge options"), (["--device", "cuda:7"], "no CUDA device"),
+    for args, says in ((["--rank", "4"], "ridge options"), (["--device", "cuda:7"], "CUDA device"),
+                       (["--device", "gpu"], "choose auto, cpu, cuda or cuda:N"),
                        (["--out", str(tmp_path / "d.pt")], "written as .safetensors")):
         argv = ["fit", "--kind", "mlp", "--voxels", str(tmp_path / "x.npy"), "--embeddings", str(tmp_path / "y.npy"),
                 "--out", str(tmp_path / "bad.safetensors"), "--epochs", "1", *args]

@@ -95,7 +95,7 @@ class Client:
         cfg = MLPConfig(voxels=x.shape[1], hidden=s.hidden, blocks=s.blocks, projector_hidden=s.projector_hidden,
                         dropout=s.dropout, width=self.y.shape[-1])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s.seed * 1000 + index)
+            torch.random.default_generator.manual_seed(s.seed * 1000 + index)
             self.model = BrainGuardMLP(cfg)
         std = x[tr].std(0)
         self.model.x_mean.copy_(torch.from_numpy(x[tr].mean(0)))
@@ -164,7 +164,7 @@ class Client:
         total = 0.0
         n = steps if steps is not None else self.s.local_steps
         with torch.random.fork_rng(devices=[]):               # dropout draws from a seeded stream of the client's
-            torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=self.gen)))
+            torch.random.default_generator.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=self.gen)))
             for _ in range(n):
                 rows = self._batch()
                 loss = decoder_loss(self.model(self.x[rows]), self.yt[rows])
@@ -201,7 +201,7 @@ def fedavg(states: list[dict[str, torch.Tensor]], examples: list[int]) -> dict[s
 def initial_shared(s: FedSettings, width: int = 768) -> dict[str, torch.Tensor]:
     """The server's starting point: the shared layers of a seeded model (its input layer is never used)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(s.seed)
+        torch.random.default_generator.manual_seed(s.seed)
         model = BrainGuardMLP(MLPConfig(voxels=1, hidden=s.hidden, blocks=s.blocks, projector_hidden=s.projector_hidden,
                                         dropout=s.dropout, width=width))
     return shared_state(model)

@@ -149,6 +149,7 @@ def make_server_app(settings: FedSettings | None = None, rounds: int | None = No
                       "evaluate": {k: dict(v) for k, v in result.evaluate_metrics_clientapp.items()}}
             from ..bundle import atomic_write_bytes, json_text
 
+            Path(dest).mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(Path(dest) / "federated.json", json_text(report).encode())
 
     return app

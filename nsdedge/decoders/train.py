@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import InputError, NsdedgeError
 from .mlp import BrainGuardMLP, MLPConfig
 
 TEMPERATURE = 0.05
@@ -80,10 +81,17 @@ def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N, checked against what torch sees here (InputError otherwise)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: torch sees no CUDA device here")
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
+    if m is None:
+        raise InputError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: torch sees no CUDA device here")
+        if m[1] is not None and int(m[1]) >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(device)
 
 
@@ -101,7 +109,10 @@ def train_mlp(x: np.ndarray, y: np.ndarray, cfg: MLPConfig, *, epochs: int = 50,
     dev = resolve_device(device)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)          # only the generators forked here
+        if dev.type == "cuda":
+            with torch.cuda.device(dev):
+                torch.cuda.manual_seed(seed)
         model = BrainGuardMLP(cfg)
         mean = x[tr].mean(0)
         std = x[tr].std(0)
@@ -130,6 +141,8 @@ def train_mlp(x: np.ndarray, y: np.ndarray, cfg: MLPConfig, *, epochs: int = 50,
             model.eval()
             with torch.no_grad():
                 val = float(decoder_loss(model(xt[va]), yt[va], clip_weight))
+            if not math.isfinite(val):
+                raise NsdedgeError(f"training diverged at epoch {epoch} (validation loss {val}); lower --lr")
             report.train_loss.append(total / len(tr))
             report.val_loss.append(val)
             report.epochs = epoch

@@ -53,7 +53,8 @@ def _unet_samples(batch: int, latent: tuple[int, int], seed: int) -> tuple[torch
 
 
 def check_options(precision: str, target: str, opset: int = OPSET, int8_recipe: str = "weights",
-                  calibration_voxels: Path | None = None, calibration: Path | None = None) -> None:
+                  calibration_voxels: Path | None = None, calibration: Path | None = None,
+                  int8_ops: str = "matmul+conv-weights") -> None:
     """What an export or a conversion will need, checked before minutes of work: NsdedgeError naming the problem."""
     if precision not in PRECISIONS:
         raise NsdedgeError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
@@ -69,6 +70,10 @@ def check_options(precision: str, target: str, opset: int = OPSET, int8_recipe: 
         raise NsdedgeError(CALIBRATION_NEEDED)
     if int8_recipe not in ("weights", "full"):
         raise NsdedgeError(f"unknown int8 recipe {int8_recipe!r} (choose from weights, full)")
+    from .quantize import INT8_OP_CHOICES
+
+    if int8_ops not in INT8_OP_CHOICES:
+        raise NsdedgeError(f"unknown int8 op set {int8_ops!r} (choose from {', '.join(INT8_OP_CHOICES)})")
     if precision == "int8" and target == "openvino" and int8_recipe == "full" and \
             calibration_voxels is None and calibration is None:
         raise NsdedgeError(OPENVINO_CALIBRATION_NEEDED)
@@ -93,7 +98,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
                   progress: Callable[[str], None] = lambda step: None, int8_recipe: str = "weights") -> Manifest:
     """Export every component of `src` into a new bundle at `out`; each graph is verified against torch.
     For fp16 / int8, `src`'s torch modules are released once the graphs are written (peak memory)."""
-    check_options(precision, target, opset, int8_recipe, calibration_voxels, calibration)
+    check_options(precision, target, opset, int8_recipe, calibration_voxels, calibration, int8_ops)
     resolution = resolution or src.resolution or src.unet.config.sample_size * src.vae_scale_factor
     f, m = src.vae_scale_factor, src.unet_multiple
     if resolution % (f * m):
@@ -229,7 +234,11 @@ def derive_bundle(fp32: str | Path, out: str | Path, *, precision: str, target: 
     from ..bundle import read_manifest
 
     fp32, out = Path(fp32), Path(out)
-    check_options(precision, target, OPSET, int8_recipe, calibration_voxels, calibration)
+    check_options(precision, target, OPSET, int8_recipe, calibration_voxels, calibration, int8_ops)
+    if out.resolve() == fp32.resolve():
+        raise NsdedgeError(f"--out {out} is the bundle it converts; name a new directory")
+    if precision == "fp32" and target != "openvino":
+        raise NsdedgeError(f"{fp32} is fp32 already: convert it to fp16, int8 or (--target openvino) fp32 / bf16")
     manifest = read_manifest(fp32)                       # checksums: a conversion of a damaged bundle is refused
     if manifest.precision != "fp32" or manifest.extra.get("target", "onnx") == "openvino":
         raise NsdedgeError(f"{fp32}: a conversion starts from an fp32 ONNX bundle; this one is "
@@ -237,10 +246,6 @@ def derive_bundle(fp32: str | Path, out: str | Path, *, precision: str, target: 
     if target == "tensorrt" and manifest.extra.get("fused_attention"):
         raise NsdedgeError(f"{fp32} was exported for onnxruntime (fused attention, which TensorRT cannot parse): "
                            f"convert from a bundle exported with --target tensorrt")
-    if out.absolute() == fp32.absolute():
-        raise NsdedgeError(f"--out {out} is the bundle it converts; name a new directory")
-    if precision == "fp32" and target != "openvino":
-        raise NsdedgeError(f"{fp32} is already an fp32 {target} bundle")
     t_start = time.perf_counter()
     source_sha = manifest.sha256
     with BundleWriter(out, force) as w:

@@ -83,7 +83,7 @@ def build_preset(name: str, seed: int = 0) -> Sources:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)   # the CPU generator forked above, only
         return _build_preset(name, seed)
 
 

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
-from ..bundle import atomic_writer, check_writable, json_text, sha256_file
+from ..bundle import atomic_writer, check_writable, create_once, json_text, sha256_file
 from ..errors import InputError, NsdedgeError
 from ..voxels import load_voxels, validate_voxels
 from .pipeline import VAES, Reconstructor, check_seed
@@ -233,6 +233,8 @@ def reconstruct(bundle: str | Path | Reconstructor, voxels: str | Path | Trials,
         bundle, provider=provider, low_memory=low_memory, verify=verify)
     subject = rec.subject(subject)
     settings = settings.resolved(rec)
+    if tr.voxels is None:
+        raise InputError(f"{tr.path}: these trials were checked but not read; use read_trials")
     x = validate_voxels(tr.voxels, str(tr.path), rec.subjects[subject])
     record = None if single else run_record(rec, tr, subject, settings)
     resumed = not single and out.is_dir() and check_record(out, record["key"], targets)
@@ -253,8 +255,8 @@ def reconstruct(bundle: str | Path | Reconstructor, voxels: str | Path | Trials,
         nonlocal resumed
         targets[i].parent.mkdir(parents=True, exist_ok=True)
         if record is not None and not resumed:         # with the first image: a failed start leaves nothing
-            with atomic_writer(out / RUN_RECORD) as f:
-                f.write(json_text(record).encode())
+            if not create_once(out / RUN_RECORD, json_text(record).encode()):
+                check_record(out, record["key"], targets)    # another worker of the same job wrote it first
             resumed = True
         _png(targets[i], image)
         result.written.append(targets[i])
