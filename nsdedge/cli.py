@@ -177,9 +177,10 @@ def _parse_run_defaults(text: str | None) -> dict | None:
               help="What int8 covers in the UNet (onnx target): conv-weights stores conv weights int8 and computes "
                    "convs in fp32 (0.28x file, half the memory); matmul leaves conv weights fp32 (10% faster steps); "
                    "matmul+conv is dynamic int8 convs (slower on CPUs).")
-@click.option("--int8-recipe", type=click.Choice(["weights", "full"]), default="weights", show_default=True,
+@click.option("--int8-recipe", type=click.Choice(["weights", "full", "hybrid"]), default="weights", show_default=True,
               help="--target openvino --precision int8: weights = NNCF int8 weights, f32 compute, no calibration; "
-                   "full = the UNet's activations too, from --calibration-voxels / --calibration.")
+                   "full = the UNet's activations too; hybrid = int8-weight MatMuls, the rest (convs, attention) "
+                   "fully int8; full and hybrid calibrate from --calibration-voxels / --calibration.")
 @click.option("--target", type=click.Choice(["onnx", "tensorrt", "openvino"]), default="onnx", show_default=True,
               help="tensorrt: int8 is static QDQ (explicit quantization) from calibration data. openvino: OpenVINO "
                    "IR (int8: NNCF int8 weights, f32 compute).")
@@ -228,7 +229,7 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
                 raise InputError("--target openvino --precision int8 needs nncf: "
                                  "pip install 'nsdedge[export]'") from None
             nncf.set_log_level(logging.ERROR)      # its tables and progress bars; the CLI shows its own progress
-    if precision == "int8" and target == "openvino" and int8_recipe == "full" and not (calibration_voxels or calibration):
+    if precision == "int8" and target == "openvino" and int8_recipe != "weights" and not (calibration_voxels or calibration):
         from .export.build import OPENVINO_CALIBRATION_NEEDED
 
         raise InputError(OPENVINO_CALIBRATION_NEEDED)

@@ -122,7 +122,18 @@ def test_full_int8_recipe_from_recorded_calibration(tiny_bundle, tmp_path):
     assert f["calibration_calls"]["unet"] == 2 * 10 and "activations" in f["int8_scheme"]   # 2 fit trials x 10 steps
     assert min(f["psnr_db"]) >= 25 and f["cfg_spread_ratio"] >= 0.9
     assert Reconstructor(out)(voxels(), steps=2).shape == (1, 64, 64, 3)
-    for args, says in ((["--int8-recipe", "full"], "needs calibration data"),
+    # hybrid (optimum-intel's): int8-weight MatMuls, the rest quantized from the same calibration
+    hybrid = derived(tiny_bundle, tmp_path / "hybrid", "int8", target="openvino", int8_recipe="hybrid",
+                     calibration_voxels=tmp_path / "calib.npy")
+    h = read_manifest(hybrid).extra["fidelity"]
+    assert "hybrid" in h["int8_scheme"] and min(h["psnr_db"]) >= 25 and h["cfg_spread_ratio"] >= 0.9
+    from nsdedge.runtime.ov_session import core
+
+    ops = core().read_model(str(hybrid / "unet.xml")).get_ordered_ops()
+    assert any(op.get_type_name() == "FakeQuantize" for op in ops)                     # activations quantized
+    assert any(op.get_type_name() == "Constant" and op.get_element_type().get_type_name() in ("i8", "u8")
+               for op in ops)                                                          # int8 weights
+    for args, says in ((["--int8-recipe", "full"], "need calibration data"),
                        (["--int8-recipe", "full", "--calibration", str(tmp_path / "calib.npy")], "error: ")):
         r = run_cli("export", "--preset", "tiny", "--target", "openvino", "--precision", "int8", *args,
                     "--out", str(tmp_path / "refused"))

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 TARGETS = ("onnx", "tensorrt", "openvino")
-OPENVINO_CALIBRATION_NEEDED = ("--int8-recipe full quantizes the UNet's activations and needs calibration data: "
-                               "--calibration-voxels FILE (real trials of a subject) or --calibration FILE.npz "
+OPENVINO_CALIBRATION_NEEDED = ("--int8-recipe full / hybrid quantize the UNet's activations and need calibration "
+                               "data: --calibration-voxels FILE (real trials of a subject) or --calibration FILE.npz "
                                "(from `nsdedge calibrate`); --int8-recipe weights needs none")
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "ip_tokens", "ip_scale")
@@ -68,13 +68,15 @@ def check_options(precision: str, target: str, opset: int = OPSET, int8_recipe: 
                            f"JetPack 5: no native LayerNormalization)")
     if precision == "int8" and target == "tensorrt" and calibration_voxels is None and calibration is None:
         raise NsdedgeError(CALIBRATION_NEEDED)
-    if int8_recipe not in ("weights", "full"):
-        raise NsdedgeError(f"unknown int8 recipe {int8_recipe!r} (choose from weights, full)")
+    from .openvino_ir import INT8_RECIPES
+
+    if int8_recipe not in INT8_RECIPES:
+        raise NsdedgeError(f"unknown int8 recipe {int8_recipe!r} (choose from {', '.join(INT8_RECIPES)})")
     from .quantize import INT8_OP_CHOICES
 
     if int8_ops not in INT8_OP_CHOICES:
         raise NsdedgeError(f"unknown int8 op set {int8_ops!r} (choose from {', '.join(INT8_OP_CHOICES)})")
-    if precision == "int8" and target == "openvino" and int8_recipe == "full" and \
+    if precision == "int8" and target == "openvino" and int8_recipe != "weights" and \
             calibration_voxels is None and calibration is None:
         raise NsdedgeError(OPENVINO_CALIBRATION_NEEDED)
     if target == "openvino":                    # before minutes of tracing: what the conversion will need

@@ -8,6 +8,9 @@
 - int8, recipe `full`: the UNet fully quantized by NNCF's post-training quantization (int8 weights and
   activations, transformer preset, bias correction off, as OpenVINO's LCM notebook does) from recorded UNet
   inputs (`--calibration-voxels` / `--calibration`: every step, both guidance halves); decoders as `weights`.
+- int8, recipe `hybrid` (optimum-intel's for diffusion UNets): the weighted MatMuls get int8 weights only (f32
+  activations), then post-training quantization of the rest (convolutions, attention's activation MatMuls) with
+  those MatMuls ignored, transformer preset, SmoothQuant off; same calibration as `full`.
 - The VAE decoders stay fp32 in int8 bundles: their convolutions decide the image's fine detail.
 
 Reading ONNX needs no converter: OpenVINO's ONNX frontend reads the standard-op graph that `--target openvino`
@@ -24,7 +27,7 @@ from ..errors import NsdedgeError
 log = logging.getLogger(__name__)
 
 VAES = ("vae_decoder", "taesd_decoder")
-INT8_RECIPES = ("weights", "full")
+INT8_RECIPES = ("weights", "full", "hybrid")
 
 
 def to_openvino(src: Path, dst: Path, name: str, precision: str, recipe: str = "weights",
@@ -39,18 +42,43 @@ def to_openvino(src: Path, dst: Path, name: str, precision: str, recipe: str = "
     if precision == "int8":
         if name in VAES:
             got = "fp32"
-        elif recipe == "full" and name == "unet":
+        elif recipe in ("full", "hybrid") and name == "unet":
             import nncf
-            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+            from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                               AdvancedSmoothQuantParameters)
 
             if not feeds:
-                raise NsdedgeError(f"{src.name}: no calibration inputs recorded for the full int8 recipe")
-            model = nncf.quantize(model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=len(feeds),
-                                  advanced_parameters=AdvancedQuantizationParameters(disable_bias_correction=True))
+                raise NsdedgeError(f"{src.name}: no calibration inputs recorded for the {recipe} int8 recipe")
+            if recipe == "full":
+                model = nncf.quantize(model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
+                                      subset_size=len(feeds),
+                                      advanced_parameters=AdvancedQuantizationParameters(disable_bias_correction=True))
+            else:
+                weighted = weighted_matmuls(model)
+                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                              ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+                no_smoothing = AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)
+                model = nncf.quantize(model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
+                                      subset_size=len(feeds), ignored_scope=nncf.IgnoredScope(names=weighted),
+                                      advanced_parameters=AdvancedQuantizationParameters(
+                                          smooth_quant_alphas=no_smoothing))
         else:
             import nncf
 
             model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     ov.save_model(model, str(dst), compress_to_fp16=got == "bf16")
     return [dst.name, dst.with_suffix(".bin").name], got
+
+
+def weighted_matmuls(model) -> list[str]:
+    """Names of the MatMuls whose second input is a constant weight (through Convert / reshapes), not an activation."""
+    names = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        node = op.input_value(1).get_node()
+        while node.get_type_name() in ("Convert", "Reshape", "Transpose", "Unsqueeze") and node.get_input_size():
+            node = node.input_value(0).get_node()
+        if node.get_type_name() == "Constant":
+            names.append(op.get_friendly_name())
+    return names

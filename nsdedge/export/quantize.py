@@ -337,7 +337,7 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
                     target: str = "onnx", calibration: Path | None = None, progress=lambda s: None,
                     int8_recipe: str = "weights") -> dict:
     """Convert the fp32 graphs in `writer.tmp` to `precision` and write the fidelity report into the manifest.
-    `int8_recipe` (target openvino): weights | full (openvino_ir.py)."""
+    `int8_recipe` (target openvino): weights | full | hybrid (openvino_ir.py)."""
     from ..calibration import Recorder, calls
     from ..eval.metrics import psnr, ssim
     from ..runtime import Reconstructor
@@ -367,7 +367,7 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         feeds = calls(recorded.get(component, {}))
         return feeds if component != "unet" else [feeds[i] for i in sorted({0, len(feeds) // 2, len(feeds) - 1})]
 
-    static = precision == "int8" and (target == "tensorrt" or (target == "openvino" and int8_recipe == "full"))
+    static = precision == "int8" and (target == "tensorrt" or (target == "openvino" and int8_recipe != "weights"))
     records = (calibration_records(folder, calibration_voxels, calibration, len(trials[first]), steps, guidance,
                                    progress) if static else {})
     component_errors = {}
@@ -409,7 +409,10 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         "scheduler": ref_defaults["scheduler"], "vae": ref_defaults["vae"],
         "int8_ops": (["MatMul", "Conv"] if target == "openvino" else list(QDQ_OPS) if static else list(int8_ops))
         if precision == "int8" else None,
-        "int8_scheme": ("NNCF post-training quantization of the UNet (int8 weights and activations, transformer "
+        "int8_scheme": ("NNCF hybrid int8 of the UNet (int8 weights for the weighted MatMuls, post-training "
+                        "quantization of convolutions and attention, SmoothQuant off); decoders int8 weights; VAE fp32"
+                        if target == "openvino" and int8_recipe == "hybrid" else
+                        "NNCF post-training quantization of the UNet (int8 weights and activations, transformer "
                         "preset, bias correction off); decoders int8 weights; VAE fp32" if target == "openvino" and static
                         else "static QDQ, symmetric activations, per-channel weights" if static
                         else "NNCF int8 weights (asymmetric, per output channel), computed in f32; VAE fp32"
