@@ -466,8 +466,9 @@ def _png_bytes(image) -> bytes:
 @click.option("--no-verify", is_flag=True, help="Skip the bundle's sha256 checks (sizes are still checked).")
 @click.option("--trials", default=None, metavar="START:STOP",
               help="Only these rows of the voxel file (e.g. 0:10); images keep their row numbers.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("reconstructions"), show_default=True,
-              help="A .png (one trial) or a directory (0000.png, ...).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="A .png (one trial) or a directory (0000.png, ...) [default: reconstructions]; with --job, each "
+                   "work item names its own.")
 @click.option("--job", "job_file", type=click.Path(path_type=Path),
               help="A job file (JSON): several voxel files / subjects / trial ranges, one output directory each.")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -501,6 +502,7 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, vae, seed
                         dict(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
                              ray_address=ray_address))
     seed = 0 if seed is None else seed
+    out = Path("reconstructions") if out is None else out
 
     # everything is checked before the bundle is hashed (or the default one built) and before anything is written
     tr = read_trials(voxels, parse_trials(trials, "--trials"))
@@ -539,15 +541,15 @@ def _run_job(voxels, job_file, bundle, subject, trials, out, provider, backend, 
     from .jobs import Job, Work, read_job, run_job
 
     if job_file is not None:
-        if subject or trials:
-            raise InputError("--subject and --trials belong to each work item of the job file")
+        if subject or trials or out:
+            raise InputError("--subject, --trials and --out belong to each work item of the job file")
         job = read_job(job_file)
         job = replace(job, **{k: v for k, v in given.items() if v is not None})
         if provider != "auto":
             job.provider = provider
         job.bundle = bundle or job.bundle
     else:
-        job = Job(bundle, [Work(voxels, subject, out, trials)], provider=provider,
+        job = Job(bundle, [Work(voxels, subject, out or Path("reconstructions"), trials)], provider=provider,
                   **{k: v for k, v in given.items() if v is not None})
     if job.bundle is None:
         from .jobs import check_inputs

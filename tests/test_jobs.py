@@ -167,6 +167,8 @@ def test_cli_ray_backend_and_bad_job_specs(job_file, local_images, two_subject_b
                                                                                                            r.stderr)
     r = run_cli("run", "--voxels", str(tmp_path / "s1.npy"), "--actors", "2")
     assert r.returncode == 2 and "need --backend ray" in r.stderr
+    r = run_cli("run", "--job", str(job_file), "--out", str(tmp_path / "elsewhere"))
+    assert r.returncode == 2 and "belong to each work item" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["o"]          # nothing else written
     code = ("import sys; sys.modules['ray'] = None; from nsdedge.cli import main; sys.argv = ['nsdedge', 'run', "
             f"'--job', {str(job_file)!r}, '--backend', 'ray']; main()")

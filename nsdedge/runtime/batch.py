@@ -4,7 +4,8 @@
     result = reconstruct("bundle/", "nsd_test_fmriavg_nsdgeneral_sub1.npy", "recons/", trials="0:100", steps=20)
 
 Row r of the voxel file becomes `recons/{r:04d}.png`, made with seed + r, so any subset of rows, in any order,
-on any number of machines, gives the same bytes as one uninterrupted run. The output directory holds a run
+on any number of machines, gives the same bytes as one uninterrupted run (on CPUs, with the same number of
+inference threads: onnxruntime's sums depend on it). The output directory holds a run
 record, `nsdedge-run.json`: the bundle's manifest hash, the provider, the settings, the voxel file's hash and the
 nsdedge version. A rerun skips the images already there; a rerun that differs in any of those is refused, so
 one directory never mixes images of two models or two settings. Every setting, the voxel file and the output
