@@ -330,19 +330,20 @@ def prepare(a, precisions: list[str]) -> None:
         precisions = ["fp32", *precisions]                # the one traced export the others are converted from
     precisions = sorted(precisions, key=lambda p: p != "fp32")
     for p in precisions:
-        # ov-fp32 | ov-bf16 | ov-int8 | ov-int8-full: OpenVINO IR (int8-full: NNCF's full recipe, calibrated on 4
-        # standard-normal trials of the synthetic subject, the last 2 held out for the fidelity report)
+        # ov-fp32 | ov-bf16 | ov-int8 | ov-int8-full | ov-int8-hybrid: OpenVINO IR (full / hybrid: NNCF's recipes,
+        # calibrated on 4 standard-normal trials of the synthetic subject, the last 2 held out for the fidelity report)
         derived = p in ("fp16", "int8") or p.startswith("ov-")
+        recipe = p.rsplit("-", 1)[1] if p.endswith(("-full", "-hybrid")) else "weights"
         if derived and (work / "bundle-fp32" / "manifest.json").exists() and \
                 not (work / f"bundle-{p}" / "manifest.json").exists():
             calib = None
-            if p == "ov-int8-full":
+            if recipe != "weights":
                 from nsdedge.bundle import read_manifest
                 v = int(read_manifest(work / "bundle-fp32").components["decoder-synth01"].extra["voxels"])
                 calib = work / "calibration-voxels.npy"
                 np.save(calib, np.random.default_rng(7).standard_normal((4, v)).astype(np.float32))
-            derive(work / "bundle-fp32", work / f"bundle-{p}", p.removeprefix("ov-").removesuffix("-full"),
-                   "openvino" if p.startswith("ov-") else "onnx", "full" if p.endswith("-full") else "weights", calib)
+            derive(work / "bundle-fp32", work / f"bundle-{p}", p.removeprefix("ov-").split("-")[0],
+                   "openvino" if p.startswith("ov-") else "onnx", recipe, calib)
         if not (work / f"bundle-{p}" / "manifest.json").exists():
             print(f"exporting {p} bundle", file=sys.stderr, flush=True)
             t = time.perf_counter()
@@ -387,7 +388,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/nsdedge-compare")
     ap.add_argument("--precisions", default="fp32,int8",
-                    help="bundles to compare: fp32, fp16, int8, int8+conv; ov-fp32, ov-bf16, ov-int8 (OpenVINO)")
+                    help="bundles to compare: fp32, fp16, int8, int8+conv; ov-fp32, ov-bf16, ov-int8, ov-int8-full, "
+                         "ov-int8-hybrid (OpenVINO)")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.5)
