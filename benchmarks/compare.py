@@ -44,7 +44,27 @@ def machine_name() -> str:
     return f"{cpu_name().split()[0].lower()}-{cores}core-{platform.machine()}"
 
 
+class AnonPeak:
+    """Peak of the process's anonymous resident memory (RssAnon: what it allocated, not the file pages it mapped),
+    sampled every 5 ms by a daemon thread; peak RSS (VmHWM) counts both."""
+
+    def __init__(self):
+        import threading
+
+        self.mb = 0.0
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self):
+        status = Path("/proc/self/status")
+        while status.exists():                                  # Linux; elsewhere the peak stays 0
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.mb = max(self.mb, int(line.split()[1]) / 1024)
+            time.sleep(0.005)
+
+
 def side_diffusers(a) -> dict:
+    anon = AnonPeak()
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -72,15 +92,19 @@ def side_diffusers(a) -> dict:
         e2e = time.perf_counter() - t
     np.save(Path(a.workdir) / "diffusers.npy", (img * 255).round().astype(np.uint8))
     return {"side": "diffusers-fp32", "load_s": load, "e2e_s": e2e, "peak_rss_mb": peak_rss_mb(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "peak_anon_mb": anon.mb, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def side_bundle(a, precision: str) -> dict:
+    """`precision`: a bundle's name; with "~low" (ov-int8-full+bf16~low) the bundle in low-memory mode (one graph
+    open at a time, so each image compiles its graphs again: that time counts)."""
+    anon = AnonPeak()
     from nsdedge.runtime import Reconstructor
 
-    bundle = Path(a.workdir) / f"bundle-{precision}"
+    bundle = Path(a.workdir) / f"bundle-{precision.removesuffix('~low')}"
     t0 = time.perf_counter()
-    rec = Reconstructor(bundle, provider="auto" if precision.startswith("ov-") else "cpu", verify=False)
+    rec = Reconstructor(bundle, provider="auto" if precision.startswith("ov-") else "cpu", verify=False,
+                        low_memory=precision.endswith("~low"))
     inputs = np.load(Path(a.workdir) / "inputs.npz")
     rec.generate(inputs["tokens"], steps=1, guidance=a.guidance, latents=inputs["latents"])   # loads + warm-up
     load_warm = time.perf_counter() - t0
@@ -95,7 +119,7 @@ def side_bundle(a, precision: str) -> dict:
         import onnxruntime
         engine = {"onnxruntime": onnxruntime.__version__}
     return {"side": f"nsdedge-{precision}", "load_and_warmup_s": load_warm, "e2e_s": e2e,
-            "peak_rss_mb": peak_rss_mb(), **engine}
+            "peak_rss_mb": peak_rss_mb(), "peak_anon_mb": anon.mb, **engine}
 
 
 # -- on a GPU --------------------------------------------------------------------------------------------------
@@ -303,7 +327,7 @@ def preset_sources(w: Path):
 
 
 def derive(fp32: Path, out: Path, precision: str, target: str = "onnx", int8_recipe: str = "weights",
-           calibration_voxels: Path | None = None) -> None:
+           calibration_voxels: Path | None = None, compute: str | None = None) -> None:
     """An fp16 / int8 / OpenVINO bundle converted from the exported fp32 one (`export --from-bundle`): the same
     graphs export would convert, without tracing the models again."""
     from nsdedge.export.build import derive_bundle
@@ -311,7 +335,8 @@ def derive(fp32: Path, out: Path, precision: str, target: str = "onnx", int8_rec
     print(f"converting {fp32.name} to {precision}", file=sys.stderr, flush=True)
     t = time.perf_counter()
     derive_bundle(fp32, out, precision=precision, target=target, force=True, int8_recipe=int8_recipe,
-                  calibration_voxels=calibration_voxels, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+                  calibration_voxels=calibration_voxels, compute=compute,
+                  progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     print(f"  {precision} from fp32 {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
 
 
@@ -328,12 +353,14 @@ def prepare(a, precisions: list[str]) -> None:
     derived_from_fp32 = [p for p in precisions if p in ("fp16", "int8") or p.startswith("ov-")]
     if derived_from_fp32 and "fp32" not in precisions:
         precisions = ["fp32", *precisions]                # the one traced export the others are converted from
-    precisions = sorted(precisions, key=lambda p: p != "fp32")
+    precisions = sorted({p.removesuffix("~low") for p in precisions}, key=lambda p: p != "fp32")
     for p in precisions:
         # ov-fp32 | ov-bf16 | ov-int8 | ov-int8-full | ov-int8-hybrid: OpenVINO IR (full / hybrid: NNCF's recipes,
-        # calibrated on 4 standard-normal trials of the synthetic subject, the last 2 held out for the fidelity report)
+        # calibrated on 4 standard-normal trials of the synthetic subject, the last 2 held out for the fidelity report);
+        # a "+bf16" suffix (ov-int8-full+bf16): exported with --compute bf16
         derived = p in ("fp16", "int8") or p.startswith("ov-")
-        recipe = p.rsplit("-", 1)[1] if p.endswith(("-full", "-hybrid")) else "weights"
+        base, _, compute = p.partition("+") if p.startswith("ov-") else (p, "", "")
+        recipe = base.rsplit("-", 1)[1] if base.endswith(("-full", "-hybrid")) else "weights"
         if derived and (work / "bundle-fp32" / "manifest.json").exists() and \
                 not (work / f"bundle-{p}" / "manifest.json").exists():
             calib = None
@@ -342,8 +369,8 @@ def prepare(a, precisions: list[str]) -> None:
                 v = int(read_manifest(work / "bundle-fp32").components["decoder-synth01"].extra["voxels"])
                 calib = work / "calibration-voxels.npy"
                 np.save(calib, np.random.default_rng(7).standard_normal((4, v)).astype(np.float32))
-            derive(work / "bundle-fp32", work / f"bundle-{p}", p.removeprefix("ov-").split("-")[0],
-                   "openvino" if p.startswith("ov-") else "onnx", recipe, calib)
+            derive(work / "bundle-fp32", work / f"bundle-{p}", base.removeprefix("ov-").split("-")[0],
+                   "openvino" if p.startswith("ov-") else "onnx", recipe, calib, compute or None)
         if not (work / f"bundle-{p}" / "manifest.json").exists():
             print(f"exporting {p} bundle", file=sys.stderr, flush=True)
             t = time.perf_counter()
@@ -389,7 +416,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/nsdedge-compare")
     ap.add_argument("--precisions", default="fp32,int8",
                     help="bundles to compare: fp32, fp16, int8, int8+conv; ov-fp32, ov-bf16, ov-int8, ov-int8-full, "
-                         "ov-int8-hybrid (OpenVINO)")
+                         "ov-int8-hybrid (OpenVINO; +bf16, e.g. ov-int8-full+bf16: exported with --compute bf16)")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.5)
@@ -433,18 +460,20 @@ def main() -> None:
             r = json.loads(out.strip().splitlines()[-1])
             runs.setdefault(r["side"], []).append(r)
             print(f"  {r['e2e_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-    median = {s: {k: float(np.median([x[k] for x in v])) for k in ("e2e_s", "peak_rss_mb")} for s, v in runs.items()}
+    median = {s: {k: float(np.median([x[k] for x in v])) for k in ("e2e_s", "peak_rss_mb", "peak_anon_mb")}
+              for s, v in runs.items()}
     base = median["diffusers-fp32"]
     work = Path(a.workdir)
     ref = np.load(work / "diffusers.npy").astype(int)
     sizes = {}
     for p in precisions:
-        m = json.loads((work / f"bundle-{p}" / "manifest.json").read_text())
+        m = json.loads((work / f"bundle-{p.removesuffix('~low')}" / "manifest.json").read_text())
         sizes[f"nsdedge-{p}"] = sum(f["size"] for f in m["files"].values()) / 2 ** 20
     sizes["diffusers-fp32"] = sum(f.stat().st_size for f in (work / "weights" / "sd15").rglob("*")
                                   if f.is_file() and f.parent.name in ("unet", "vae")) / 2 ** 20
     ratios = {s: {"speedup_vs_diffusers": base["e2e_s"] / v["e2e_s"],
                   "peak_rss_ratio": v["peak_rss_mb"] / base["peak_rss_mb"],
+                  "peak_anon_ratio": v["peak_anon_mb"] / base["peak_anon_mb"],
                   "disk_ratio": sizes[s] / sizes["diffusers-fp32"]} for s, v in median.items()}
     for p in precisions:
         img = np.load(work / f"{p}.npy").astype(int)
@@ -459,11 +488,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
-    print(f"{'side':<18}{'s/image':>10}{'speed-up':>10}{'peak RSS MB':>13}{'RSS ratio':>11}{'disk ratio':>11}")
+    print(f"{'side':<30}{'s/image':>9}{'speed-up':>10}{'peak RSS MB':>13}{'RSS ratio':>11}{'anon MB':>9}"
+          f"{'anon ratio':>12}{'disk ratio':>11}")
     for s, v in median.items():
         r = ratios[s]
-        print(f"{s:<18}{v['e2e_s']:>10.1f}{r['speedup_vs_diffusers']:>10.2f}{v['peak_rss_mb']:>13.0f}"
-              f"{r['peak_rss_ratio']:>11.2f}{r['disk_ratio']:>11.2f}")
+        print(f"{s:<30}{v['e2e_s']:>9.1f}{r['speedup_vs_diffusers']:>10.2f}{v['peak_rss_mb']:>13.0f}"
+              f"{r['peak_rss_ratio']:>11.2f}{v['peak_anon_mb']:>9.0f}{r['peak_anon_ratio']:>12.2f}{r['disk_ratio']:>11.2f}")
     print(f"written {out}")
 
 

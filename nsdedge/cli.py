@@ -177,13 +177,18 @@ def _parse_run_defaults(text: str | None) -> dict | None:
               help="What int8 covers in the UNet (onnx target): conv-weights stores conv weights int8 and computes "
                    "convs in fp32 (0.28x file, half the memory); matmul leaves conv weights fp32 (10% faster steps); "
                    "matmul+conv is dynamic int8 convs (slower on CPUs).")
-@click.option("--int8-recipe", type=click.Choice(["weights", "full", "hybrid"]), default="weights", show_default=True,
+@click.option("--int8-recipe", type=click.Choice(["auto", "weights", "full", "hybrid"]), default="auto",
+              show_default=True,
               help="--target openvino --precision int8: weights = NNCF int8 weights, f32 compute, no calibration; "
                    "full = the UNet's activations too; hybrid = int8-weight MatMuls, the rest (convs, attention) "
-                   "fully int8; full and hybrid calibrate from --calibration-voxels / --calibration.")
+                   "fully int8; full and hybrid calibrate from --calibration-voxels / --calibration. auto = full "
+                   "where calibration data is given (it measured fastest), else weights.")
+@click.option("--compute", type=click.Choice(["f32", "bf16"]), default=None,
+              help="--target openvino --precision int8: what is not int8 (and the VAE, then fp16 weights) computes in "
+                   "bf16 on CPUs with AVX512_BF16 or AMX; its fidelity is measured as it runs. Default: f32.")
 @click.option("--target", type=click.Choice(["onnx", "tensorrt", "openvino"]), default="onnx", show_default=True,
               help="tensorrt: int8 is static QDQ (explicit quantization) from calibration data. openvino: OpenVINO "
-                   "IR (int8: NNCF int8 weights, f32 compute).")
+                   "IR (int8 through NNCF: --int8-recipe, --compute).")
 @click.option("--opset", type=click.IntRange(14, 18), default=18, show_default=True,
               help="ONNX opset of the UNet and VAE graphs: 17 for TensorRT 8.6, 16 for JetPack 5 / TensorRT 8.5.")
 @click.option("--resolution", type=int, help="Image side in pixels (default: the model's, 512 for SD 1.5).")
@@ -204,8 +209,8 @@ def _parse_run_defaults(text: str | None) -> dict | None:
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision, calibration_voxels, calibration,
-           int8_ops, int8_recipe, target, opset, resolution, prompt, negative_prompt, lora, lora_scale, tiny_vae, no_full_vae,
-           run_defaults, seed, from_bundle, force, out):
+           int8_ops, int8_recipe, compute, target, opset, resolution, prompt, negative_prompt, lora, lora_scale, tiny_vae,
+           no_full_vae, run_defaults, seed, from_bundle, force, out):
     """Export decoders, the IP-token UNet and the VAE decoder to a verified ONNX bundle."""
     from .bundle import check_replaceable, check_writable
 
@@ -229,7 +234,13 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
                 raise InputError("--target openvino --precision int8 needs nncf: "
                                  "pip install 'nsdedge[export]'") from None
             nncf.set_log_level(logging.ERROR)      # its tables and progress bars; the CLI shows its own progress
-    if precision == "int8" and target == "openvino" and int8_recipe != "weights" and not (calibration_voxels or calibration):
+    if compute is not None:
+        from .export.build import check_options
+
+        check_options(precision, target, int8_recipe=int8_recipe, calibration_voxels=calibration_voxels,
+                      calibration=calibration, compute=compute)
+    if precision == "int8" and target == "openvino" and int8_recipe not in ("weights", "auto") and \
+            not (calibration_voxels or calibration):
         from .export.build import OPENVINO_CALIBRATION_NEEDED
 
         raise InputError(OPENVINO_CALIBRATION_NEEDED)
@@ -257,7 +268,7 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
             raise InputError(f"--from-bundle converts a bundle as it is: {', '.join(given)} would need a new export")
         return _derive(from_bundle, out, precision=precision, target=target, force=force,
                        calibration_voxels=calibration_voxels, calibration=calibration, int8_ops=int8_ops,
-                       int8_recipe=int8_recipe)
+                       int8_recipe=int8_recipe, compute=compute)
     if bool(preset) == bool(sd):
         raise InputError("give either --preset or --sd (with --ip-adapter and --image-encoder)")
     if sd and not (ip_adapter and image_encoder):
@@ -338,7 +349,8 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
                       prompt=prompt if prompt is not None else DEFAULT_PROMPT,
                       negative_prompt=negative_prompt if negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
                       force=force, calibration_voxels=calibration_voxels, int8_ops=int8_ops, target=target,
-                      calibration=calibration, opset=opset, progress=progress, int8_recipe=int8_recipe)
+                      calibration=calibration, opset=opset, progress=progress, int8_recipe=int8_recipe,
+                      compute=compute)
     click.echo(_summary(out, m))
     if target == "tensorrt":
         click.echo(f"TensorRT engines are tied to the GPU and TensorRT version: on the target machine run\n"
@@ -384,10 +396,10 @@ def _summary(path: Path, m) -> str:
             f"{opt} {r.get('id')}@{str(r.get('commit'))[:12]}" + (f":{r['path']}" if r.get("path") else "")
             for opt, r in hub.items() if isinstance(r, dict)))
     if m.extra.get("target") == "openvino":
-        from .runtime.ov_session import HINTS
+        from .runtime.ov_session import hint_for
 
         lines.append("  runs on OpenVINO (--provider openvino), computing in: " + ", ".join(
-            f"{n} {HINTS.get(c.precision, '?')}" for n, c in m.components.items()))
+            f"{n} {hint_for(c.precision, c.extra.get('compute')) or '?'}" for n, c in m.components.items()))
     if m.extra.get("run_defaults"):
         lora = m.extra.get("lora")
         lines.append("  runs with: " + ", ".join(f"{k} {v}" for k, v in m.extra["run_defaults"].items())

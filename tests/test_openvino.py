@@ -57,6 +57,7 @@ def test_openvino_int8_keeps_fidelity(ov_bundles):
     assert m.precision == "int8" and m.components["unet"].precision == "int8"
     assert m.components["vae_decoder"].precision == "fp32"                         # the VAE keeps its weights
     assert min(f["psnr_db"]) >= 25 and f["cfg_spread_ratio"] >= 0.9 and "NNCF" in f["int8_scheme"]
+    assert f["int8_recipe"] == "weights"                                           # auto without calibration data
     unet = m.components["unet"]
     fp32 = read_manifest(ov_bundles["ov-fp32"]).components["unet"]
     assert m.files[unet.data_files[0]]["size"] < 0.5 * read_manifest(ov_bundles["ov-fp32"]).files[
@@ -74,6 +75,22 @@ def test_bf16_is_an_explicit_choice(ov_bundles, tmp_path, monkeypatch):
         assert m.components["unet"].precision == "bf16" and min(m.extra["fidelity"]["psnr_db"]) >= 25
         rec = Reconstructor(tmp_path / "bf16")
         assert rec.session("unet").hint == "bf16"
+        # int8 computed in bf16 (--compute bf16): int8 graphs marked, the VAE as a bf16 bundle stores it, and the
+        # fidelity measured as it computes
+        r = run_cli("export", "--from-bundle", str(ov_bundles["onnx"]), "--target", "openvino", "--precision",
+                    "int8", "--compute", "bf16", "--out", str(tmp_path / "int8-bf16"))
+        assert r.returncode == 0, r.stderr
+        m = read_manifest(tmp_path / "int8-bf16")
+        c = m.components
+        assert (c["unet"].precision, c["unet"].extra["compute"]) == ("int8", "bf16")
+        assert c["vae_decoder"].precision == "bf16" and "compute" not in c["vae_decoder"].extra
+        f = m.extra["fidelity"]
+        assert f["compute"] == "bf16" and "computed in bf16" in f["int8_scheme"]
+        assert min(f["psnr_db"]) >= 25 and f["cfg_spread_ratio"] >= 0.9
+        rec = Reconstructor(tmp_path / "int8-bf16")
+        assert {rec.session(n).hint for n in c} == {"bf16"}
+        info = run_cli("info", str(tmp_path / "int8-bf16")).stdout
+        assert "computing in: " in info and "unet bf16" in info
     # fp32 and int8 bundles never compute in bf16 behind the user's back (the plugin's default on such CPUs)
     assert Reconstructor(ov_bundles["ov-fp32"]).session("unet").hint == "f32"
     assert Reconstructor(ov_bundles["ov-int8"]).session("unet").hint == "f32"
@@ -81,11 +98,19 @@ def test_bf16_is_an_explicit_choice(ov_bundles, tmp_path, monkeypatch):
     monkeypatch.setattr(ov_session, "bf16_supported", lambda: False)
     with pytest.raises(ProviderError, match="this CPU has no bf16"):
         ov_session.check_precision("bf16")
+    with pytest.raises(ProviderError, match="this CPU has no bf16"):
+        ov_session.check_precision("int8", "bf16")
 
 
 def test_bad_combinations_and_missing_openvino_are_one_line_errors(ov_bundles, tmp_path, trial):
     r = run_cli("export", "--preset", "tiny", "--precision", "bf16", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "bf16 is for --target openvino" in r.stderr and not (tmp_path / "x").exists()
+    for args in (["--precision", "int8", "--compute", "bf16"],                           # not openvino
+                 ["--target", "openvino", "--compute", "bf16"],                          # fp32: --precision bf16
+                 ["--target", "openvino", "--precision", "bf16", "--compute", "f32"]):
+        r = run_cli("export", "--from-bundle", str(ov_bundles["onnx"]), *args, "--out", str(tmp_path / "x"))
+        assert r.returncode == 2 and "--compute" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "x").exists()
     r = run_cli("run", "--voxels", str(trial), "--bundle", str(ov_bundles["ov-fp32"]), "--provider", "cpu",
                 "--out", str(tmp_path / "y.png"))
     assert r.returncode == 2 and "run it with --provider openvino" in r.stderr and not (tmp_path / "y.png").exists()
@@ -116,9 +141,10 @@ def test_full_int8_recipe_from_recorded_calibration(tiny_bundle, tmp_path):
     np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32))
     out = tmp_path / "full"
     r = run_cli("export", "--from-bundle", str(tiny_bundle), "--target", "openvino", "--precision", "int8",
-                "--int8-recipe", "full", "--calibration-voxels", str(tmp_path / "calib.npy"), "--out", str(out))
+                "--calibration-voxels", str(tmp_path / "calib.npy"), "--out", str(out))   # auto: full, calibrated
     assert r.returncode == 0, r.stderr
     f = read_manifest(out).extra["fidelity"]
+    assert f["int8_recipe"] == "full"
     assert f["calibration_calls"]["unet"] == 2 * 10 and "activations" in f["int8_scheme"]   # 2 fit trials x 10 steps
     assert min(f["psnr_db"]) >= 25 and f["cfg_spread_ratio"] >= 0.9
     assert Reconstructor(out)(voxels(), steps=2).shape == (1, 64, 64, 3)
@@ -126,7 +152,8 @@ def test_full_int8_recipe_from_recorded_calibration(tiny_bundle, tmp_path):
     hybrid = derived(tiny_bundle, tmp_path / "hybrid", "int8", target="openvino", int8_recipe="hybrid",
                      calibration_voxels=tmp_path / "calib.npy")
     h = read_manifest(hybrid).extra["fidelity"]
-    assert "hybrid" in h["int8_scheme"] and min(h["psnr_db"]) >= 25 and h["cfg_spread_ratio"] >= 0.9
+    assert h["int8_recipe"] == "hybrid" and "hybrid" in h["int8_scheme"]
+    assert min(h["psnr_db"]) >= 25 and h["cfg_spread_ratio"] >= 0.9
     from nsdedge.runtime.ov_session import core
 
     ops = core().read_model(str(hybrid / "unet.xml")).get_ordered_ops()
@@ -148,3 +175,14 @@ def test_a_graph_openvino_cannot_read_is_one_provider_error(tmp_path):
     with pytest.raises(ProviderError, match="unet.xml: OpenVINO could not read") as e:
         OvSession(tmp_path / "unet.xml")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+def test_compiled_graphs_give_back_their_mapped_weights(ov_bundles):
+    from nsdedge.runtime.ov_session import page_out
+
+    rec = Reconstructor(ov_bundles["ov-fp32"])
+    a = rec(voxels(), steps=2)
+    assert page_out(ov_bundles["ov-fp32"] / "unet.xml") >= 1          # the IR's weights are still mapped, read-only
+    assert page_out(ov_bundles["ov-fp32"] / "missing.xml") == 0
+    assert np.array_equal(rec(voxels(), steps=2), a)                   # and read back when needed: same image

@@ -15,6 +15,7 @@ from ..calibration.record import CALIBRATION_NEEDED
 from ..errors import NsdedgeError
 from .decoder_export import export_decoder
 from .onnx_export import OPSET, GraphSpec, export_and_verify
+from .openvino_ir import pick_recipe
 from .sources import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, Sources, encode_prompt, unconditional_tokens
 from .few_step import TinyVAEDecoder, fuse_lora, tiny_vae_factor
 from .wrappers import UNetIP, VAEDecoder, install_ip_adapter
@@ -52,9 +53,9 @@ def _unet_samples(batch: int, latent: tuple[int, int], seed: int) -> tuple[torch
             torch.tensor([0.8]))
 
 
-def check_options(precision: str, target: str, opset: int = OPSET, int8_recipe: str = "weights",
+def check_options(precision: str, target: str, opset: int = OPSET, int8_recipe: str = "auto",
                   calibration_voxels: Path | None = None, calibration: Path | None = None,
-                  int8_ops: str = "matmul+conv-weights") -> None:
+                  int8_ops: str = "matmul+conv-weights", compute: str | None = None) -> None:
     """What an export or a conversion will need, checked before minutes of work: NsdedgeError naming the problem."""
     if precision not in PRECISIONS:
         raise NsdedgeError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
@@ -72,6 +73,7 @@ def check_options(precision: str, target: str, opset: int = OPSET, int8_recipe: 
 
     if int8_recipe not in INT8_RECIPES:
         raise NsdedgeError(f"unknown int8 recipe {int8_recipe!r} (choose from {', '.join(INT8_RECIPES)})")
+    int8_recipe = pick_recipe(int8_recipe, calibration_voxels is not None or calibration is not None)
     from .quantize import INT8_OP_CHOICES
 
     if int8_ops not in INT8_OP_CHOICES:
@@ -79,11 +81,17 @@ def check_options(precision: str, target: str, opset: int = OPSET, int8_recipe: 
     if precision == "int8" and target == "openvino" and int8_recipe != "weights" and \
             calibration_voxels is None and calibration is None:
         raise NsdedgeError(OPENVINO_CALIBRATION_NEEDED)
+    if compute not in (None, "f32", "bf16"):
+        raise NsdedgeError(f"unknown compute precision {compute!r} (choose f32 or bf16)")
+    if compute is not None and (target != "openvino" or (precision, compute) in (("fp32", "bf16"), ("bf16", "f32"))):
+        raise NsdedgeError(f"--compute {compute} with --target {target} --precision {precision}: --compute is for "
+                           f"--target openvino (bf16: int8 bundles computed in bf16; --precision bf16 computes bf16 "
+                           f"already)")
     if target == "openvino":                    # before minutes of tracing: what the conversion will need
         from ..runtime.ov_session import check_precision, openvino
 
         openvino()
-        check_precision(precision)              # bf16: this CPU must compute it, its fidelity is measured here
+        check_precision(precision, compute)     # bf16: this CPU must compute it, its fidelity is measured here
         if precision == "int8":
             try:
                 import nncf  # noqa: F401
@@ -97,10 +105,12 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
                   force: bool = False, calibration_voxels: Path | None = None,
                   int8_ops: str = "matmul+conv-weights",
                   target: str = "onnx", calibration: Path | None = None, opset: int = OPSET,
-                  progress: Callable[[str], None] = lambda step: None, int8_recipe: str = "weights") -> Manifest:
+                  progress: Callable[[str], None] = lambda step: None, int8_recipe: str = "auto",
+                  compute: str | None = None) -> Manifest:
     """Export every component of `src` into a new bundle at `out`; each graph is verified against torch.
     For fp16 / int8, `src`'s torch modules are released once the graphs are written (peak memory)."""
-    check_options(precision, target, opset, int8_recipe, calibration_voxels, calibration, int8_ops)
+    check_options(precision, target, opset, int8_recipe, calibration_voxels, calibration, int8_ops, compute)
+    int8_recipe = pick_recipe(int8_recipe, calibration_voxels is not None or calibration is not None)
     resolution = resolution or src.resolution or src.unet.config.sample_size * src.vae_scale_factor
     f, m = src.vae_scale_factor, src.unet_multiple
     if resolution % (f * m):
@@ -184,7 +194,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
             src.unet = src.vae = src.text_encoder = src.image_encoder = src.tiny_vae = None
             gc.collect()
             _convert(w, manifest, precision, progress, calibration_voxels=calibration_voxels, int8_ops=int8_ops,
-                     target=target, calibration=calibration, int8_recipe=int8_recipe)
+                     target=target, calibration=calibration, int8_recipe=int8_recipe, compute=compute)
         _commit(w, manifest, t_start, progress)
     return manifest
 
@@ -224,8 +234,8 @@ def _join(prov: dict[str, str], *keys: str) -> str:
 
 def derive_bundle(fp32: str | Path, out: str | Path, *, precision: str, target: str = "onnx", force: bool = False,
                   calibration_voxels: Path | None = None, calibration: Path | None = None,
-                  int8_ops: str = "matmul+conv-weights", int8_recipe: str = "weights",
-                  progress: Callable[[str], None] = lambda step: None) -> Manifest:
+                  int8_ops: str = "matmul+conv-weights", int8_recipe: str = "auto",
+                  progress: Callable[[str], None] = lambda step: None, compute: str | None = None) -> Manifest:
     """A bundle of another precision or target converted from an exported fp32 ONNX bundle: what export does after
     its own fp32 pass, without the source weights and without tracing the models again (SD 1.5: minutes sooner).
 
@@ -236,7 +246,8 @@ def derive_bundle(fp32: str | Path, out: str | Path, *, precision: str, target: 
     from ..bundle import read_manifest
 
     fp32, out = Path(fp32), Path(out)
-    check_options(precision, target, OPSET, int8_recipe, calibration_voxels, calibration, int8_ops)
+    check_options(precision, target, OPSET, int8_recipe, calibration_voxels, calibration, int8_ops, compute)
+    int8_recipe = pick_recipe(int8_recipe, calibration_voxels is not None or calibration is not None)
     if out.resolve() == fp32.resolve():
         raise NsdedgeError(f"--out {out} is the bundle it converts; name a new directory")
     if precision == "fp32" and target != "openvino":
@@ -258,6 +269,6 @@ def derive_bundle(fp32: str | Path, out: str | Path, *, precision: str, target: 
         manifest.extra.update(target=target, converted_from={"bundle": str(fp32.absolute()),
                                                              "manifest_sha256": source_sha})
         _convert(w, manifest, precision, progress, calibration_voxels=calibration_voxels, int8_ops=int8_ops,
-                 target=target, calibration=calibration, int8_recipe=int8_recipe)
+                 target=target, calibration=calibration, int8_recipe=int8_recipe, compute=compute)
         _commit(w, manifest, t_start, progress)
     return manifest

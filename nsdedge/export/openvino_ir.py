@@ -2,16 +2,21 @@
 
 - fp32: the graph as it is, weights fp32 (runs with INFERENCE_PRECISION_HINT f32).
 - bf16: weights stored fp16 (half the disk; the CPU plugin computes bf16 and converts them once at compile).
-- int8, recipe `weights` (default): NNCF's int8 weight compression (asymmetric, per output channel) of every
-  MatMul and Convolution of the UNet and the decoders; the computation stays f32 (activations are not
-  quantized), so no calibration data is needed.
+- int8, recipe `weights` (what `auto`, the default, picks without calibration data): NNCF's int8 weight
+  compression (asymmetric, per output channel) of every MatMul and Convolution of the UNet and the decoders; the
+  computation stays f32 (activations are not quantized), so no calibration data is needed.
 - int8, recipe `full`: the UNet fully quantized by NNCF's post-training quantization (int8 weights and
   activations, transformer preset, bias correction off, as OpenVINO's LCM notebook does) from recorded UNet
   inputs (`--calibration-voxels` / `--calibration`: every step, both guidance halves); decoders as `weights`.
+  `auto` picks it when calibration data is given.
 - int8, recipe `hybrid` (optimum-intel's for diffusion UNets): the weighted MatMuls get int8 weights only (f32
   activations), then post-training quantization of the rest (convolutions, attention's activation MatMuls) with
   those MatMuls ignored, transformer preset, SmoothQuant off; same calibration as `full`.
-- The VAE decoders stay fp32 in int8 bundles: their convolutions decide the image's fine detail.
+- The VAE decoders are not quantized: fp32 in int8 bundles (their convolutions decide the image's fine detail).
+- int8 with `compute="bf16"` (`--compute bf16`, CPUs with AVX512_BF16 or AMX): the same int8 graphs, with what is
+  not int8 computed in bf16 (marked `"compute": "bf16"` in the manifest), and the VAEs as bf16 bundles store them
+  (fp16 weights, bf16 compute): at 512^2, 20 steps on 2 AMD cores an image took 84 -> 67 s (a VAE
+  decode 12.6 -> 6.8 s), PSNR 35 dB against fp32 either way (benchmarks/README.md).
 
 Reading ONNX needs no converter: OpenVINO's ONNX frontend reads the standard-op graph that `--target openvino`
 exports (and, from 2026.3, onnxruntime's MultiHeadAttention).
@@ -27,13 +32,21 @@ from ..errors import NsdedgeError
 log = logging.getLogger(__name__)
 
 VAES = ("vae_decoder", "taesd_decoder")
-INT8_RECIPES = ("weights", "full", "hybrid")
+INT8_RECIPES = ("auto", "weights", "full", "hybrid")
+
+
+def pick_recipe(recipe: str, calibrated: bool) -> str:
+    """`auto` (the default): the recipe that measured best among those that can run: `full` where calibration data
+    is given (512^2, 20 steps on 2 AMD cores: 84 s per image against 170 s for `weights`, and 79 s for hybrid
+    against 67 s for full, both with bf16 compute), else `weights`."""
+    return ("full" if calibrated else "weights") if recipe == "auto" else recipe
 
 
 def to_openvino(src: Path, dst: Path, name: str, precision: str, recipe: str = "weights",
-                feeds: list[dict] | None = None) -> tuple[list[str], str]:
+                feeds: list[dict] | None = None, compute: str | None = None) -> tuple[list[str], str]:
     """Write `dst` (.xml + .bin) from the ONNX graph `src`; returns (files written, precision it ended in).
-    `feeds`: recorded inputs of this graph, for the `full` int8 recipe's activation ranges."""
+    `feeds`: recorded inputs of this graph, for the `full` int8 recipe's activation ranges. `compute`: bf16 for an
+    int8 bundle computed in bf16 (its VAEs then end bf16)."""
     from ..runtime.ov_session import core, openvino
 
     ov = openvino()
@@ -41,7 +54,7 @@ def to_openvino(src: Path, dst: Path, name: str, precision: str, recipe: str = "
     got = precision
     if precision == "int8":
         if name in VAES:
-            got = "fp32"
+            got = "bf16" if compute == "bf16" else "fp32"
         elif recipe in ("full", "hybrid") and name == "unet":
             import nncf
             from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,

@@ -236,14 +236,15 @@ def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], op_types: tuple[str, ..
 
 def convert_component(folder: Path, name: str, file: str, precision: str,
                       int8_ops: tuple[str, ...] = INT8_OPS, target: str = "onnx",
-                      feeds: list[dict] | None = None, int8_recipe: str = "weights") -> tuple[list[str], str]:
+                      feeds: list[dict] | None = None, int8_recipe: str = "weights",
+                      compute: str | None = None) -> tuple[list[str], str]:
     """Write `<stem>.<precision>.onnx` beside the fp32 graph; returns (files written, precision it ended in).
     For int8 on the TensorRT target, `feeds` are the recorded inputs that calibrate the activation scales."""
     src = folder / file
     if target == "openvino":
         from .openvino_ir import to_openvino
 
-        return to_openvino(src, folder / file.replace(".onnx", ".xml"), name, precision, int8_recipe, feeds)
+        return to_openvino(src, folder / file.replace(".onnx", ".xml"), name, precision, int8_recipe, feeds, compute)
     dst = folder / file.replace(".onnx", f".{precision}.onnx")
     if precision == "fp16":
         return to_fp16(src, dst), "fp16"
@@ -266,7 +267,7 @@ def remove(folder: Path, files: list[str]) -> None:
 
 
 def _component_error(folder: Path, manifest, name: str, new_file: str, feeds_list: list[dict],
-                     precision: str | None = None) -> float:
+                     precision: str | None = None, compute: str | None = None) -> float:
     """Worst relative L2 error of the converted graph against the fp32 graph over recorded inputs. `precision`:
     an OpenVINO IR's, which sets the precision it computes in."""
     from ..runtime.session import open_session
@@ -276,7 +277,7 @@ def _component_error(folder: Path, manifest, name: str, new_file: str, feeds_lis
     if new_file.endswith(".xml"):
         from ..runtime.ov_session import OvSession
 
-        b = OvSession(folder / new_file, precision or "fp32")
+        b = OvSession(folder / new_file, precision or "fp32", compute=compute)
     else:
         b = open_session(folder, name, "cpu", manifest=manifest, file=new_file)
     worst = 0.0
@@ -335,9 +336,10 @@ def calibration_records(folder: Path, calibration_voxels: Path | None, calibrati
 def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path | None = None,
                     steps: int = 10, guidance: float = 7.5, int8_ops: tuple[str, ...] = INT8_OPS,
                     target: str = "onnx", calibration: Path | None = None, progress=lambda s: None,
-                    int8_recipe: str = "weights") -> dict:
+                    int8_recipe: str = "weights", compute: str | None = None) -> dict:
     """Convert the fp32 graphs in `writer.tmp` to `precision` and write the fidelity report into the manifest.
-    `int8_recipe` (target openvino): weights | full | hybrid (openvino_ir.py)."""
+    `int8_recipe` (target openvino): weights | full | hybrid (openvino_ir.py); `compute`: bf16 to compute an
+    OpenVINO int8 bundle in bf16 (its fidelity is then measured as it computes)."""
     from ..calibration import Recorder, calls
     from ..eval.metrics import psnr, ssim
     from ..runtime import Reconstructor
@@ -374,14 +376,15 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
     for name, comp in list(manifest.components.items()):
         progress(f"{precision}{' (static QDQ)' if static else ''}: {name}")
         files, got = convert_component(folder, name, comp.file, precision, int8_ops, target, records.get(name),
-                                       int8_recipe)
+                                       int8_recipe, compute)
+        comp_compute = compute if compute == "bf16" and got == "int8" else None
         if not files:
             continue
         if name.startswith("decoder-"):
             feeds = [{"voxels": trials[comp.extra["subject"]]}]
         else:
             feeds = feeds_for(name)
-        component_errors[name] = _component_error(folder, manifest, name, files[0], feeds, got)
+        component_errors[name] = _component_error(folder, manifest, name, files[0], feeds, got, comp_compute)
         old = [comp.file, *comp.data_files]
         if name == "vae_decoder" and precision == "fp16":      # keep the fp32 VAE for overflow fallback
             manifest.components[FP32_VAE] = type(comp)(FP32_VAE, comp.file, "fp32", comp.inputs, comp.outputs,
@@ -389,6 +392,8 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         else:
             remove(folder, old)
         comp.file, comp.data_files, comp.precision = files[0], files[1:], got
+        if comp_compute:
+            comp.extra["compute"] = comp_compute
         comp.parity = {**comp.parity, f"{precision}_vs_fp32": component_errors[name]}
     writer.write_manifest(manifest)
 
@@ -420,6 +425,7 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
                         else "dynamic, per-tensor weights" + ("; conv weights int8 per channel, convs computed in "
                                                                "fp32" if "ConvWeights" in int8_ops else ""))
         if precision == "int8" else None,
+        "int8_recipe": int8_recipe if precision == "int8" and target == "openvino" else None,
         "calibration_calls": {k: len(v) for k, v in records.items()} if static else None,
         "inputs": "calibration (held-out)" if calibration_voxels else "standard-normal voxels",
         "component_rel_l2": component_errors,
@@ -430,6 +436,10 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         "ssim": [ssim(a, b) for a, b in zip(images, ref_images)],
         "cfg_spread_fp32": s_ref, "cfg_spread": s_q, "cfg_spread_ratio": s_q / s_ref if s_ref else float("nan"),
     }
+    if compute == "bf16" and precision == "int8":
+        fidelity["compute"] = "bf16"
+        fidelity["int8_scheme"] = (fidelity["int8_scheme"].replace(", computed in f32", "").replace(
+            "VAE fp32", "VAE fp16 weights") + "; everything not int8 computed in bf16")
     manifest.extra["fidelity"] = fidelity
     log.info("fidelity %s", fidelity)
     return fidelity

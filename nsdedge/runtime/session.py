@@ -122,7 +122,8 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
     if provider == OPENVINO:
         from .ov_session import OvSession
 
-        return OvSession(path, manifest.components[component].precision, threads, profile=bool(profile))
+        comp = manifest.components[component]
+        return OvSession(path, comp.precision, threads, profile=bool(profile), compute=comp.extra.get("compute"))
     if path.suffix == ".xml":
         raise ProviderError(f"{bundle} holds OpenVINO IR (exported with --target openvino): run it with "
                             f"--provider openvino")
