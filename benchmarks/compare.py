@@ -133,7 +133,7 @@ def _memory(gpu, context_mb: float | None) -> dict:
     if gpu.peak_mb is None:                                  # no NVML (a dry run on the CPU provider)
         return {"peak_gpu_mb": float("nan"), "context_mb": float("nan"), "peak_above_context_mb": float("nan")}
     return {"peak_gpu_mb": gpu.peak_mb - gpu.start_mb, "context_mb": context_mb - gpu.start_mb,
-            "peak_above_context_mb": gpu.peak_mb - context_mb}
+            "peak_above_context_mb": gpu.peak_mb - context_mb, "gpu_processes_max": gpu.processes}
 
 
 def side_diffusers_cuda(a, variant: str) -> dict:
@@ -197,25 +197,44 @@ def _ort_context(provider: str) -> object:
 
 
 def _override_cuda_options(changes: list[str]) -> None:
-    """`key=value` CUDA provider options over nsdedge's defaults (shared_arena=0: each graph its own arena), to
-    measure what each default buys."""
+    """`key=value` CUDA provider options over nsdedge's defaults, to measure what each default buys; and three
+    that are not provider options: shared_arena=0 (each graph its own arena), mem_pattern=1 (onnxruntime's memory
+    pattern, which also puts a graph's weights in one block), arena.KEY=N (an OrtArenaCfg key of the shared arena,
+    e.g. arena.initial_chunk_size_bytes)."""
+    import onnxruntime as ort
+
     from nsdedge.runtime import ort_session, session
 
     pairs = dict(c.split("=", 1) for c in changes)
     if pairs.pop("shared_arena", "1") == "0":
         ort_session.shared_cuda_arena = lambda ort, device=0: False
+    for k in [k for k in pairs if k.startswith("arena.")]:
+        ort_session.SHARED_ARENA_CONFIG[k.removeprefix("arena.")] = int(pairs.pop(k))
+    if pairs.pop("mem_pattern", "0") == "1":
+        class Options(ort.SessionOptions):
+            enable_mem_pattern = property(lambda self: True, lambda self, value: None)
+
+            def __init__(self):
+                super().__init__()
+                ort.SessionOptions.enable_mem_pattern.__set__(self, True)
+        ort.SessionOptions = Options
     base = session.cuda_options
     session.cuda_options = lambda *args, **kw: {**base(*args, **kw), **pairs}
 
 
 def side_bundle_cuda(a, name: str) -> dict:
-    """name: fp16 | fp32 | fp16@tensorrt | fp16-batch | fp16-batch-lowmem, optionally +key=value CUDA options."""
+    """name: a bundle (fp16 | fp32 | cu-fp16 | cu-fp32, the last two exported with --target cuda), then @tensorrt
+    for that provider, -batch / -batch-lowmem for an N-trial batch, +key=value for CUDA provider options."""
     from nsdedge.runtime import Reconstructor
 
     name, *changes = name.split("+")
     _override_cuda_options(changes)
     precision, _, provider = name.partition("@")
-    precision, _, mode = precision.partition("-")
+    mode = ""
+    for suffix in ("-batch-lowmem", "-batch"):
+        if precision.endswith(suffix):
+            precision, mode = precision.removesuffix(suffix), suffix[1:]
+            break
     provider = provider or a.provider
     bundle = Path(a.workdir) / f"bundle-{precision}"
     inputs = np.load(Path(a.workdir) / "inputs.npz")
@@ -241,7 +260,15 @@ def side_bundle_cuda(a, name: str) -> dict:
         else:
             rec = Reconstructor(bundle, provider, verify=False)
             t = time.perf_counter()
-            rec.generate(inputs["tokens"], steps=a.steps, guidance=a.guidance, latents=inputs["latents"])  # warm-up
+            for c in rec.manifest.components:            # where the memory goes: weights, then each stage's peak
+                if c != "vae_decoder_fp32" and c != "taesd_decoder":
+                    rec.session(c)
+            stages = {"sessions_open": gpu.used_mb()}
+            final = rec.denoise(inputs["tokens"], steps=a.steps, guidance=a.guidance, latents=inputs["latents"])
+            stages.update(after_unet=gpu.used_mb(), peak_unet=gpu.peak_so_far_mb())
+            rec.decode_latents(final)                                                                  # warm-up
+            stages.update(after_vae=gpu.used_mb(), peak_vae=gpu.peak_so_far_mb())
+            stages = {k: (v - context if v is not None and context is not None else None) for k, v in stages.items()}
             warm = time.perf_counter() - t
             times = []
             for _ in range(a.images):
@@ -249,7 +276,8 @@ def side_bundle_cuda(a, name: str) -> dict:
                 img = rec.generate(inputs["tokens"], steps=a.steps, guidance=a.guidance, latents=inputs["latents"])
                 times.append(time.perf_counter() - t)
             np.save(Path(a.workdir) / f"{'+'.join([name, *changes])}.npy", img)
-            r = {"s_per_image": float(np.median(times)), "times": times, "warmup_s": warm}
+            r = {"s_per_image": float(np.median(times)), "times": times, "warmup_s": warm,
+                 "above_context_mb_at": stages}
         del rec, keep
     import onnxruntime as ort
     return {"side": "nsdedge-" + "+".join([name, *changes]), **r, **_memory(gpu, context),
@@ -262,18 +290,23 @@ def main_cuda(a) -> None:
     work = Path(a.workdir)
     precisions = a.precisions.split(",")
     prepare(a, precisions)
-    if a.batch:
-        from nsdedge.runtime import Reconstructor
-        v = Reconstructor(work / f"bundle-{precisions[0]}", "auto", verify=False).subjects["synth01"]
+    if a.batch:                   # (from the manifest: this process opens nothing on the GPU the sides measure)
+        from nsdedge.bundle import read_manifest
+        v = int(read_manifest(work / "bundle-fp32").components["decoder-synth01"].extra["voxels"])
         np.save(work / "voxels-batch.npy", np.random.default_rng(1).standard_normal((a.batch, v)).astype(np.float32))
     sides = a.sides.split(",") if a.sides else (
         ["diffusers-fp16", *[p for p in precisions], "diffusers-fp32", "diffusers-fp16-compile"] +
-        ([f"{p}-batch" for p in precisions if p == "fp16"] + [f"{p}-batch-lowmem" for p in precisions if p == "fp16"]
-         if a.batch else []))
+        ([f"{p}-batch{m}" for p in precisions if p.endswith("fp16") for m in ("", "-lowmem")] if a.batch else []))
     result = {"machine": None, "device": "cuda", "resolution": a.resolution, "steps": a.steps,
               "guidance": a.guidance, "scheduler": "ddim", "images": a.images, "batch": a.batch,
               "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "sides": {}, "failed": {}}
     out = Path(a.results or HERE / "results") / "cuda-compare.json"
+    if a.merge and out.exists():                          # an earlier run's sides stay, those run now replace theirs
+        before = json.loads(out.read_text())
+        result["sides"] = {k: v for k, v in before["sides"].items() if k.removeprefix("nsdedge-") not in sides}
+        result["failed"] = {k: v for k, v in before.get("failed", {}).items() if k not in sides}
+        result["command"] = f"{before['command']} ; {result['command']}"
+        result["machine"] = before.get("machine")
     for side in sides:
         print(f"{side}", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--side", side, "--device", "cuda", "--workdir", a.workdir, "--resolution",
@@ -298,10 +331,11 @@ def main_cuda(a) -> None:
             if ref.exists() and img.exists() and "batch" not in s_name:
                 r["max_abs_pixel_diff_vs_diffusers_fp32"] = int(np.abs(np.load(img).astype(int) -
                                                                        np.load(ref).astype(int)).max())
-        batch = [work / f"{b}.npy" for b in ("fp16-batch", "fp16-batch-lowmem")]
-        if all(b.exists() for b in batch):                   # the two modes must make the same images
-            result["batch_lowmem_max_abs_pixel_diff"] = int(np.abs(np.load(batch[0]).astype(int) -
-                                                                   np.load(batch[1]).astype(int)).max())
+        for b in [s.removeprefix("nsdedge-") for s in result["sides"] if s.endswith("-batch")]:
+            batch = [work / f"{b}.npy", work / f"{b}-lowmem.npy"]
+            if all(f.exists() for f in batch):               # the two modes must make the same images
+                result.setdefault("batch_lowmem_max_abs_pixel_diff", {})[b] = int(
+                    np.abs(np.load(batch[0]).astype(int) - np.load(batch[1]).astype(int)).max())
         base = result["sides"].get("diffusers-fp16")
         if base:
             for r in result["sides"].values():
@@ -350,7 +384,7 @@ def prepare(a, precisions: list[str]) -> None:
     if not (w / "sd15" / "model_index.json").exists():
         print("saving sd15-random weights", file=sys.stderr, flush=True)
         save_weights(build_preset(a.preset, seed=0), w)
-    derived_from_fp32 = [p for p in precisions if p in ("fp16", "int8") or p.startswith("ov-")]
+    derived_from_fp32 = [p for p in precisions if p in ("fp16", "int8") or p.startswith(("ov-", "cu-"))]
     if derived_from_fp32 and "fp32" not in precisions:
         precisions = ["fp32", *precisions]                # the one traced export the others are converted from
     precisions = sorted({p.removesuffix("~low") for p in precisions}, key=lambda p: p != "fp32")
@@ -358,7 +392,7 @@ def prepare(a, precisions: list[str]) -> None:
         # ov-fp32 | ov-bf16 | ov-int8 | ov-int8-full | ov-int8-hybrid: OpenVINO IR (full / hybrid: NNCF's recipes,
         # calibrated on 4 standard-normal trials of the synthetic subject, the last 2 held out for the fidelity report);
         # a "+bf16" suffix (ov-int8-full+bf16): exported with --compute bf16
-        derived = p in ("fp16", "int8") or p.startswith("ov-")
+        derived = p in ("fp16", "int8") or p.startswith(("ov-", "cu-"))     # cu-fp16: --target cuda
         base, _, compute = p.partition("+") if p.startswith("ov-") else (p, "", "")
         recipe = base.rsplit("-", 1)[1] if base.endswith(("-full", "-hybrid")) else "weights"
         if derived and (work / "bundle-fp32" / "manifest.json").exists() and \
@@ -369,8 +403,9 @@ def prepare(a, precisions: list[str]) -> None:
                 v = int(read_manifest(work / "bundle-fp32").components["decoder-synth01"].extra["voxels"])
                 calib = work / "calibration-voxels.npy"
                 np.save(calib, np.random.default_rng(7).standard_normal((4, v)).astype(np.float32))
-            derive(work / "bundle-fp32", work / f"bundle-{p}", base.removeprefix("ov-").split("-")[0],
-                   "openvino" if p.startswith("ov-") else "onnx", recipe, calib, compute or None)
+            target = {"ov-": "openvino", "cu-": "cuda"}.get(p[:3], "onnx")
+            derive(work / "bundle-fp32", work / f"bundle-{p}", base.split("-")[1] if target != "onnx" else base,
+                   target, recipe, calib, compute or None)
         if not (work / f"bundle-{p}" / "manifest.json").exists():
             print(f"exporting {p} bundle", file=sys.stderr, flush=True)
             t = time.perf_counter()
@@ -416,7 +451,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/nsdedge-compare")
     ap.add_argument("--precisions", default="fp32,int8",
                     help="bundles to compare: fp32, fp16, int8, int8+conv; ov-fp32, ov-bf16, ov-int8, ov-int8-full, "
-                         "ov-int8-hybrid (OpenVINO; +bf16, e.g. ov-int8-full+bf16: exported with --compute bf16)")
+                         "ov-int8-hybrid (OpenVINO; +bf16, e.g. ov-int8-full+bf16: exported with --compute bf16); "
+                         "cu-fp16, cu-fp32 (--target cuda, converted on the GPU)")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.5)
@@ -426,6 +462,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="cuda: also an N-trial batch, normal and low-memory")
     ap.add_argument("--sides", help="cuda: sides to run, in order (default: all)")
     ap.add_argument("--results", help="cuda: folder for cuda-compare.json (default benchmarks/results)")
+    ap.add_argument("--merge", action="store_true", help="cuda: keep the sides of an earlier cuda-compare.json")
     ap.add_argument("--tag", default="", help="cpu: results/<machine>-TAG.json")
     ap.add_argument("--prepare-only", action="store_true", help="save the weights, export the bundles, stop")
     ap.add_argument("--preset", default="sd15-random", help=argparse.SUPPRESS)      # tiny: a dry run of the script

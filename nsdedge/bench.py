@@ -5,6 +5,7 @@ Warm-up runs are kept apart from timed runs; every stage reports median, p90 and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -80,7 +81,7 @@ class GpuMemoryPeak:
     None where there is no NVML (no GPU, or the package is missing). Device-wide, so run nothing else on it."""
 
     def __init__(self, interval: float = 0.02):
-        self.interval, self.peak_mb, self.gpu, self.start_mb = interval, None, None, None
+        self.interval, self.peak_mb, self.gpu, self.start_mb, self.processes = interval, None, None, None, 0
 
     def __enter__(self):
         import threading
@@ -101,9 +102,17 @@ class GpuMemoryPeak:
         self._peak = pynvml.nvmlDeviceGetMemoryInfo(handle).used
         self.start_mb = self._peak / 2 ** 20
 
+        # self.processes: the most processes seen on the GPU at once (the peak is this process's alone only at 1;
+        # in a container NVML may list it under the host's pid, so it is counted as listed)
         def watch():
+            n = 0
             while not self._stop.is_set():
                 self._peak = max(self._peak, pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+                if n % 50 == 0:
+                    with contextlib.suppress(Exception):
+                        self.processes = max(self.processes,
+                                             len(pynvml.nvmlDeviceGetComputeRunningProcesses(handle)))
+                n += 1
                 self._stop.wait(self.interval)
 
         self._thread = threading.Thread(target=watch, daemon=True)
@@ -113,6 +122,12 @@ class GpuMemoryPeak:
     def used_mb(self) -> float | None:
         """Device memory in use now (MB)."""
         return None if self._nvml is None else self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2 ** 20
+
+    def peak_so_far_mb(self) -> float | None:
+        """The peak seen since the block began (MB), while it runs."""
+        if self._nvml is None:
+            return None
+        return max(self._peak, self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used) / 2 ** 20
 
     def __exit__(self, *exc):
         if self._nvml is not None:

@@ -186,9 +186,11 @@ def _parse_run_defaults(text: str | None) -> dict | None:
 @click.option("--compute", type=click.Choice(["f32", "bf16"]), default=None,
               help="--target openvino --precision int8: what is not int8 (and the VAE, then fp16 weights) computes in "
                    "bf16 on CPUs with AVX512_BF16 or AMX; its fidelity is measured as it runs. Default: f32.")
-@click.option("--target", type=click.Choice(["onnx", "tensorrt", "openvino"]), default="onnx", show_default=True,
+@click.option("--target", type=click.Choice(["onnx", "tensorrt", "openvino", "cuda"]), default="onnx",
+              show_default=True,
               help="tensorrt: int8 is static QDQ (explicit quantization) from calibration data. openvino: OpenVINO "
-                   "IR (int8 through NNCF: --int8-recipe, --compute).")
+                   "IR (int8 through NNCF: --int8-recipe, --compute). cuda: fp16 / fp32 graphs with onnxruntime's "
+                   "GPU fusions (GroupNorm, NHWC convolutions) that only --provider cuda runs; export it on the GPU.")
 @click.option("--opset", type=click.IntRange(14, 18), default=18, show_default=True,
               help="ONNX opset of the UNet and VAE graphs: 17 for TensorRT 8.6, 16 for JetPack 5 / TensorRT 8.5.")
 @click.option("--resolution", type=int, help="Image side in pixels (default: the model's, 512 for SD 1.5).")
@@ -234,6 +236,10 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
                 raise InputError("--target openvino --precision int8 needs nncf: "
                                  "pip install 'nsdedge[export]'") from None
             nncf.set_log_level(logging.ERROR)      # its tables and progress bars; the CLI shows its own progress
+    if target == "cuda":                           # before loading weights: what the target takes, CUDA here
+        from .export.cuda_graph import check_cuda_target
+
+        check_cuda_target(precision)
     if compute is not None:
         from .export.build import check_options
 
@@ -400,6 +406,8 @@ def _summary(path: Path, m) -> str:
 
         lines.append("  runs on OpenVINO (--provider openvino), computing in: " + ", ".join(
             f"{n} {hint_for(c.precision, c.extra.get('compute')) or '?'}" for n, c in m.components.items()))
+    if m.extra.get("target") == "cuda":
+        lines.append("  runs on onnxruntime's CUDA provider only (--target cuda: fused GroupNorm, NHWC convolutions)")
     if m.extra.get("run_defaults"):
         lora = m.extra.get("lora")
         lines.append("  runs with: " + ", ".join(f"{k} {v}" for k, v in m.extra["run_defaults"].items())

@@ -171,3 +171,131 @@ def test_cuda_low_memory_and_cuda_graphs_match_the_cpu(tiny_bundle, tmp_path):
         assert np.abs(cuda(x, steps=4).astype(int) - cpu.astype(int)).max() <= 3
     lean = Reconstructor(tiny_bundle, "cuda", low_memory=True)(x, steps=4)
     assert np.abs(lean.astype(int) - cpu.astype(int)).max() <= 3
+
+
+# -- --target cuda: onnxruntime's GPU fusions --------------------------------------------------------------------
+def _ops(path):
+    import onnx
+
+    return [(n.domain, n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+@pytest.fixture(scope="module")
+def gn8_bundle(tmp_path_factory):
+    """The tiny preset with 8 groups per group norm (4 and 8 channels per group: onnxruntime's CUDA GroupNorm takes
+    an even number; the tiny preset's 32 groups of 32 channels give 1), exported fp32 for onnxruntime."""
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from nsdedge.export.build import export_bundle
+    from nsdedge.export.presets import build_preset
+
+    src = build_preset("tiny")
+    torch = pytest.importorskip("torch")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        src.unet = UNet2DConditionModel.from_config({**src.unet.config, "norm_num_groups": 8}).eval()
+        src.vae = AutoencoderKL.from_config({**src.vae.config, "norm_num_groups": 8}).eval()
+    out = tmp_path_factory.mktemp("gn8") / "fp32"
+    export_bundle(src, out)
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_cuda_target_graphs_fuse_norms_and_convs_and_keep_the_contract(gn8_bundle, tmp_path, precision):
+    """What --target cuda writes (the conversion itself; its images can only be checked on a GPU, below): every
+    group norm a GroupNorm / SkipGroupNorm, every Conv an NhwcConv, the graph's inputs and outputs unchanged (fp32
+    at the edges, as the runtime feeds them), fp16 weights in the fp16 graph, a valid ONNX graph."""
+    import onnx
+
+    from nsdedge.export.cuda_graph import to_cuda
+
+    for name, file in (("unet", "unet.onnx"), ("vae_decoder", "vae_decoder.onnx")):
+        dst = tmp_path / f"{name}.cuda.onnx"
+        files, got = to_cuda(gn8_bundle / file, dst, name, precision)
+        assert got == precision and files[0] == dst.name
+        before, after = _ops(gn8_bundle / file), _ops(dst)
+        assert ("", "Conv") not in after and after.count(("com.microsoft", "NhwcConv")) == before.count(("", "Conv"))
+        norms = after.count(("com.microsoft", "GroupNorm")) + after.count(("com.microsoft", "SkipGroupNorm"))
+        assert norms >= before.count(("", "InstanceNormalization")) - 1 > 0    # the VAE's attention norm may stay
+        model = onnx.load(str(dst))
+        onnx.checker.check_model(model)
+        src = onnx.load(str(gn8_bundle / file), load_external_data=False)
+        assert [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input] == \
+            [(i.name, i.type.tensor_type.elem_type) for i in src.graph.input]
+        assert [o.name for o in model.graph.output] == [o.name for o in src.graph.output]
+        assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
+        names = [n.name for n in model.graph.node if n.name]
+        assert len(names) == len(set(names))                  # onnxruntime refuses a repeated node name
+        big = [t for t in model.graph.initializer if np.prod(t.dims) > 1024]
+        want = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT
+        assert big and all(t.data_type == want for t in big)
+
+
+def test_cuda_target_refuses_group_norms_the_kernel_cannot_take(tiny_bundle, tmp_path):
+    """The tiny preset's 32 groups of 32 channels (one per group): onnxruntime's CUDA GroupNorm would fail at run
+    time, so the conversion says so in one line instead (and export says it before tracing)."""
+    from nsdedge.errors import NsdedgeError
+    from nsdedge.export.cuda_graph import check_group_norms, to_cuda
+    from nsdedge.export.presets import build_preset
+
+    with pytest.raises(NsdedgeError, match="32 channels in 32 groups") as e:
+        to_cuda(tiny_bundle / "unet.onnx", tmp_path / "u.onnx", "unet", "fp16")
+    assert "\n" not in str(e.value) and not (tmp_path / "u.onnx").exists()
+    with pytest.raises(NsdedgeError, match="32 channels in 32 groups"):
+        check_group_norms("UNet", build_preset("tiny").unet.config)
+    sd15 = types.SimpleNamespace(norm_num_groups=32, block_out_channels=(128, 256, 512, 512))      # SD 1.5's VAE
+    check_group_norms("VAE", sd15)                                              # 4 to 16 channels per group
+
+
+def test_cuda_target_is_refused_where_cuda_does_not_start_and_a_cuda_bundle_runs_on_cuda_only(tiny_bundle, tmp_path,
+                                                                                              trial):
+    """No GPU here: the export is refused in one line before any work (its fidelity is measured on CUDA) and
+    nothing is written; a bundle whose manifest says target cuda refuses the CPU in one line."""
+    import json
+    import shutil
+
+    from nsdedge.errors import NsdedgeError
+    from nsdedge.export.build import check_options
+
+    for source in (["--from-bundle", str(tiny_bundle)], ["--preset", "tiny"]):
+        r = run_cli("export", *source, "--target", "cuda", "--precision", "fp16", "--out", str(tmp_path / "cu"))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "--target cuda" in r.stderr and "CUDAExecutionProvider" in r.stderr and not (tmp_path / "cu").exists()
+    with pytest.raises(NsdedgeError, match="fp16 or fp32"):
+        check_options("int8", "cuda")
+    fake = tmp_path / "fake-cuda"
+    shutil.copytree(tiny_bundle, fake)
+    m = json.loads((fake / "manifest.json").read_text())
+    m["target"] = "cuda"
+    (fake / "manifest.json").write_text(json.dumps(m))
+    for provider in ("cpu", "auto"):
+        r = run_cli("run", "--bundle", str(fake), "--voxels", str(trial), "--out", str(tmp_path / f"o-{provider}.png"),
+                    "--provider", provider, "--no-verify", "--steps", "2")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "--target cuda" in r.stderr and not (tmp_path / f"o-{provider}.png").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_target_bundle_matches_the_portable_one_on_cuda(gn8_bundle, tmp_path):
+    """On a GPU: the fused fp16 bundle makes the images of the portable fp16 bundle (within fp16 rounding), with
+    CUDA graphs captured, in the normal and the low-memory mode; its fidelity report was measured."""
+    from nsdedge.bundle import read_manifest
+    from nsdedge.runtime.session import probe
+    from tests.conftest import derived
+
+    if probe("cuda") is not None:
+        pytest.skip(probe("cuda"))
+    cu = derived(gn8_bundle, tmp_path / "cu16", "fp16", target="cuda")
+    plain = derived(gn8_bundle, tmp_path / "fp16", "fp16")
+    f = read_manifest(cu).extra["fidelity"]
+    assert f["target"] == "cuda" and min(f["psnr_db"]) > 30
+    x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
+    ref = Reconstructor(plain, "cuda")(x, steps=4)
+    fused = Reconstructor(cu, "auto")
+    assert fused.provider == "cuda"
+    out = fused(x, steps=4)
+    assert fused.session("unet").cuda_graph                 # captured, not silently run node by node
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 3
+    lean = Reconstructor(cu, "cuda", low_memory=True)(x, steps=4)
+    assert np.abs(lean.astype(int) - ref.astype(int)).max() <= 3

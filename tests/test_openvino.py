@@ -148,7 +148,18 @@ def test_full_int8_recipe_from_recorded_calibration(tiny_bundle, tmp_path):
     assert f["calibration_calls"]["unet"] == 2 * 10 and "activations" in f["int8_scheme"]   # 2 fit trials x 10 steps
     assert min(f["psnr_db"]) >= 25 and f["cfg_spread_ratio"] >= 0.9
     assert Reconstructor(out)(voxels(), steps=2).shape == (1, 64, 64, 3)
-    # hybrid (optimum-intel's): int8-weight MatMuls, the rest quantized from the same calibration
+    for args, says in ((["--int8-recipe", "full"], "need calibration data"),
+                       (["--int8-recipe", "full", "--calibration", str(tmp_path / "calib.npy")], "error: ")):
+        r = run_cli("export", "--preset", "tiny", "--target", "openvino", "--precision", "int8", *args,
+                    "--out", str(tmp_path / "refused"))
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.slow           # (a second NNCF calibration: kept out of the default run for its time)
+def test_hybrid_int8_recipe_from_recorded_calibration(tiny_bundle, tmp_path):
+    """hybrid (optimum-intel's): int8-weight MatMuls, the rest quantized from the same calibration."""
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32))
     hybrid = derived(tiny_bundle, tmp_path / "hybrid", "int8", target="openvino", int8_recipe="hybrid",
                      calibration_voxels=tmp_path / "calib.npy")
     h = read_manifest(hybrid).extra["fidelity"]
@@ -160,12 +171,6 @@ def test_full_int8_recipe_from_recorded_calibration(tiny_bundle, tmp_path):
     assert any(op.get_type_name() == "FakeQuantize" for op in ops)                     # activations quantized
     assert any(op.get_type_name() == "Constant" and op.get_element_type().get_type_name() in ("i8", "u8")
                for op in ops)                                                          # int8 weights
-    for args, says in ((["--int8-recipe", "full"], "need calibration data"),
-                       (["--int8-recipe", "full", "--calibration", str(tmp_path / "calib.npy")], "error: ")):
-        r = run_cli("export", "--preset", "tiny", "--target", "openvino", "--precision", "int8", *args,
-                    "--out", str(tmp_path / "refused"))
-        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
-        assert not (tmp_path / "refused").exists()
 
 
 def test_a_graph_openvino_cannot_read_is_one_provider_error(tmp_path):

@@ -23,7 +23,7 @@ from .wrappers import UNetIP, VAEDecoder, install_ip_adapter
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
-TARGETS = ("onnx", "tensorrt", "openvino")
+TARGETS = ("onnx", "tensorrt", "openvino", "cuda")
 OPENVINO_CALIBRATION_NEEDED = ("--int8-recipe full / hybrid quantize the UNet's activations and need calibration "
                                "data: --calibration-voxels FILE (real trials of a subject) or --calibration FILE.npz "
                                "(from `nsdedge calibrate`); --int8-recipe weights needs none")
@@ -87,6 +87,10 @@ def check_options(precision: str, target: str, opset: int = OPSET, int8_recipe: 
         raise NsdedgeError(f"--compute {compute} with --target {target} --precision {precision}: --compute is for "
                            f"--target openvino (bf16: int8 bundles computed in bf16; --precision bf16 computes bf16 "
                            f"already)")
+    if target == "cuda":
+        from .cuda_graph import check_cuda_target
+
+        check_cuda_target(precision)
     if target == "openvino":                    # before minutes of tracing: what the conversion will need
         from ..runtime.ov_session import check_precision, openvino
 
@@ -126,6 +130,12 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
     if not src.full_vae and src.tiny_vae is None:
         raise NsdedgeError("--no-full-vae needs --tiny-vae: a bundle needs a VAE decoder")
     _check_run_defaults(src)
+    if target == "cuda":
+        from .cuda_graph import check_group_norms
+
+        check_group_norms("UNet", src.unet.config)
+        if src.full_vae:
+            check_group_norms("VAE", src.vae.config)
     t_start = time.perf_counter()
     with BundleWriter(out, force) as w:
         comps: dict[str, Component] = {}
@@ -147,7 +157,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
         install_ip_adapter(src.unet, src.ip_adapter)
         unet = UNetIP(src.unet).eval()
         # onnxruntime gets fused attention; TensorRT's parser and OpenVINO need standard ops (both fuse attention)
-        fused = target == "onnx" and opset >= OPSET      # (the opset < 18 exporter cannot fuse)
+        fused = target in ("onnx", "cuda") and opset >= OPSET      # (the opset < 18 exporter cannot fuse)
         files, entry = export_and_verify(unet, unet_spec(m, fused, opset), _unet_samples(2, latent, 1), w.tmp / "unet.onnx",
                                          checks=[_unet_samples(2, latent, 1), _unet_samples(1, latent, 2)])
         comps["unet"] = Component("unet", files[0], "fp32", entry["inputs"], entry["outputs"],
@@ -186,7 +196,7 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
                    **({"run_defaults": dict(src.run_defaults)} if src.run_defaults else {}),
                    **({"lora": {"source": src.provenance.get("lora", "?"), "scale": float(src.lora_scale)}}
                       if lora_fused else {})})
-        if precision != "fp32" or target == "openvino":      # OpenVINO: IR from the fp32 graphs, fidelity checked
+        if precision != "fp32" or target in ("openvino", "cuda"):     # IR / fused graphs from the fp32 graphs
             import gc
 
             # the torch modules are done with and hold GBs (SD 1.5: about 4.5): free them before the quantizer
@@ -240,7 +250,8 @@ def derive_bundle(fp32: str | Path, out: str | Path, *, precision: str, target: 
     its own fp32 pass, without the source weights and without tracing the models again (SD 1.5: minutes sooner).
 
     The fp32 bundle is verified first; the new one records its manifest hash (`converted_from`). --target tensorrt
-    needs an fp32 bundle exported for TensorRT (standard attention ops); OpenVINO reads either."""
+    needs an fp32 bundle exported for TensorRT (standard attention ops); OpenVINO reads either; --target cuda
+    fuses either (onnxruntime's Stable Diffusion fusions, export/cuda_graph.py)."""
     import shutil
 
     from ..bundle import read_manifest
@@ -250,10 +261,10 @@ def derive_bundle(fp32: str | Path, out: str | Path, *, precision: str, target: 
     int8_recipe = pick_recipe(int8_recipe, calibration_voxels is not None or calibration is not None)
     if out.resolve() == fp32.resolve():
         raise NsdedgeError(f"--out {out} is the bundle it converts; name a new directory")
-    if precision == "fp32" and target != "openvino":
-        raise NsdedgeError(f"{fp32} is fp32 already: convert it to fp16, int8 or (--target openvino) fp32 / bf16")
+    if precision == "fp32" and target not in ("openvino", "cuda"):
+        raise NsdedgeError(f"{fp32} is fp32 already: convert it to fp16, int8 or (--target openvino / cuda) fp32")
     manifest = read_manifest(fp32)                       # checksums: a conversion of a damaged bundle is refused
-    if manifest.precision != "fp32" or manifest.extra.get("target", "onnx") == "openvino":
+    if manifest.precision != "fp32" or manifest.extra.get("target", "onnx") in ("openvino", "cuda"):
         raise NsdedgeError(f"{fp32}: a conversion starts from an fp32 ONNX bundle; this one is "
                            f"{manifest.precision}, target {manifest.extra.get('target', 'onnx')}")
     if target == "tensorrt" and manifest.extra.get("fused_attention"):

@@ -54,7 +54,7 @@ INT8_OP_CHOICES = {"matmul+conv-weights": ("MatMul", "ConvWeights"), "matmul": (
 QDQ_OPS = ("Conv", "MatMul")
 QDQ_KEEP_FLOAT = (*INT8_KEEP_FLOAT, "conv_shortcut.")
 QDQ_CALIBRATION = "minmax"            # "minmax" | "percentile" (99.999): ModelOpt recommends max for TensorRT
-TARGETS = ("onnx", "tensorrt")
+TARGETS = ("onnx", "tensorrt")          # (build.TARGETS adds openvino and cuda, converted in their own modules)
 
 
 def to_fp16(src: Path, dst: Path) -> list[str]:
@@ -64,11 +64,11 @@ def to_fp16(src: Path, dst: Path) -> list[str]:
     model = onnx.load(str(src))
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32_OPS,
                                      disable_shape_infer=True)
-    _drop_repeated_casts(model)
+    drop_repeated_casts(model)
     return save_onnx(model, dst)
 
 
-def _drop_repeated_casts(model) -> None:
+def drop_repeated_casts(model) -> None:
     """The fp16 converter names the Cast it inserts after the value it casts: a value cast back to fp32 for
     two blocked consumers gets the same Cast twice (same node and output name), which onnxruntime refuses.
     The repeats compute the same thing: drop them."""
@@ -245,6 +245,10 @@ def convert_component(folder: Path, name: str, file: str, precision: str,
         from .openvino_ir import to_openvino
 
         return to_openvino(src, folder / file.replace(".onnx", ".xml"), name, precision, int8_recipe, feeds, compute)
+    if target == "cuda":
+        from .cuda_graph import to_cuda
+
+        return to_cuda(src, folder / file.replace(".onnx", f".cuda-{precision}.onnx"), name, precision)
     dst = folder / file.replace(".onnx", f".{precision}.onnx")
     if precision == "fp16":
         return to_fp16(src, dst), "fp16"
@@ -267,19 +271,19 @@ def remove(folder: Path, files: list[str]) -> None:
 
 
 def _component_error(folder: Path, manifest, name: str, new_file: str, feeds_list: list[dict],
-                     precision: str | None = None, compute: str | None = None) -> float:
-    """Worst relative L2 error of the converted graph against the fp32 graph over recorded inputs. `precision`:
-    an OpenVINO IR's, which sets the precision it computes in."""
+                     precision: str | None = None, compute: str | None = None, provider: str = "cpu") -> float:
+    """Worst relative L2 error of the converted graph against the fp32 graph over recorded inputs, both on
+    `provider`. `precision`: an OpenVINO IR's, which sets the precision it computes in."""
     from ..runtime.session import open_session
     from .onnx_export import rel_l2
 
-    a = open_session(folder, name, "cpu", manifest=manifest)
+    a = open_session(folder, name, provider, manifest=manifest)
     if new_file.endswith(".xml"):
         from ..runtime.ov_session import OvSession
 
         b = OvSession(folder / new_file, precision or "fp32", compute=compute)
     else:
-        b = open_session(folder, name, "cpu", manifest=manifest, file=new_file)
+        b = open_session(folder, name, provider, manifest=manifest, file=new_file)
     worst = 0.0
     for feeds in feeds_list:
         ra, rb = a.run(feeds), b.run(feeds)
@@ -352,9 +356,13 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
     trials = fidelity_voxels(manifest, calibration_voxels)
     first = next(iter(trials))
 
+    # --target cuda: its graphs run on CUDA alone, so the fp32 reference runs there too (and the conversion was
+    # refused before any work where CUDA does not start)
+    provider = "openvino" if target == "openvino" else "cuda" if target == "cuda" else "cpu"
+    ref_provider = "cuda" if target == "cuda" else "cpu"
     progress("fidelity: fp32 reference reconstructions")
     ref_rec = Recorder()
-    ref = Reconstructor(folder, "cpu", verify=False, observer=ref_rec)
+    ref = Reconstructor(folder, ref_provider, verify=False, observer=ref_rec)
     final = ref.denoise(ref.decode(trials[first], first), steps=steps, guidance=guidance, seed=0)
     ref_images = ref.decode_latents(final)                       # with the bundle's own VAE ...
     for vae, comp in VAES.items():                                 # ... and its other one, for its feeds
@@ -384,7 +392,8 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
             feeds = [{"voxels": trials[comp.extra["subject"]]}]
         else:
             feeds = feeds_for(name)
-        component_errors[name] = _component_error(folder, manifest, name, files[0], feeds, got, comp_compute)
+        component_errors[name] = _component_error(folder, manifest, name, files[0], feeds, got, comp_compute,
+                                                  ref_provider)
         old = [comp.file, *comp.data_files]
         if name == "vae_decoder" and precision == "fp16":      # keep the fp32 VAE for overflow fallback
             manifest.components[FP32_VAE] = type(comp)(FP32_VAE, comp.file, "fp32", comp.inputs, comp.outputs,
@@ -397,9 +406,9 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         comp.parity = {**comp.parity, f"{precision}_vs_fp32": component_errors[name]}
     writer.write_manifest(manifest)
 
-    progress(f"fidelity: {precision} reconstructions{' (OpenVINO)' if target == 'openvino' else ''}")
+    progress(f"fidelity: {precision} reconstructions{' (OpenVINO)' if target == 'openvino' else ''}"
+             f"{' (CUDA)' if target == 'cuda' else ''}")
     q_rec = Recorder()
-    provider = "openvino" if target == "openvino" else "cpu"
     q = Reconstructor(folder, provider, verify=False, observer=q_rec)
     images = q(trials[first], first, steps=steps, guidance=guidance, seed=0)
     del q

@@ -93,6 +93,9 @@ def build_engines(bundle: Path, manifest: Manifest, cache: Path | None = None, b
     `strongly_typed`: strongly typed engines where TensorRT still builds both (10); 11 builds nothing else."""
     if manifest.extra.get("target") == "openvino":
         raise NsdedgeError(f"{bundle} holds OpenVINO IR: export with --target tensorrt for engines")
+    if manifest.extra.get("target") == "cuda":
+        raise NsdedgeError(f"{bundle} holds graphs fused for onnxruntime's CUDA provider (--target cuda): export with "
+                           f"--target tensorrt for engines")
     if manifest.extra.get("fused_attention"):
         raise NsdedgeError(f"{bundle} was exported for onnxruntime (its attention is com.microsoft.MultiHeadAttention, "
                            f"which TensorRT's parser does not know): export it with --target tensorrt for engines")

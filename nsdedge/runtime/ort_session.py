@@ -162,6 +162,7 @@ def _missing_library(ort, provider: str) -> str | None:
 
 # -- one CUDA arena for all the graphs of a process -------------------------------------------------------------
 _SHARED_ARENA: dict[int, bool] = {}
+SHARED_ARENA_CONFIG = {"arena_extend_strategy": 1}                 # kSameAsRequested (OrtArenaCfg keys)
 
 
 def shared_cuda_arena(ort, device: int = 0) -> bool:
@@ -174,7 +175,7 @@ def shared_cuda_arena(ort, device: int = 0) -> bool:
     if device not in _SHARED_ARENA:
         try:
             mem = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device, ort.OrtMemType.DEFAULT)
-            arena = ort.OrtArenaCfg({"arena_extend_strategy": 1})                 # kSameAsRequested
+            arena = ort.OrtArenaCfg(dict(SHARED_ARENA_CONFIG))
             ort.create_and_register_allocator_v2(ORT_PROVIDERS["cuda"], mem, {"device_id": str(device)}, arena)
             _SHARED_ARENA[device] = True
         except Exception as e:  # noqa: BLE001  onnxruntime raises its own exception types

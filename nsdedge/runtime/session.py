@@ -90,8 +90,19 @@ def resolve(provider: str) -> str:
 
 
 def bundle_provider(manifest: Manifest, provider: str) -> str:
-    """'auto' on a bundle exported for OpenVINO is openvino; any other choice stands."""
-    return OPENVINO if provider == "auto" and manifest.extra.get("target") == OPENVINO else provider
+    """'auto' on a bundle exported for OpenVINO is openvino, on one exported for CUDA cuda; any other choice stands,
+    except that a CUDA bundle (onnxruntime's GPU-only fused ops) runs on nothing else."""
+    target = manifest.extra.get("target")
+    if target == "cuda":
+        if provider not in ("auto", "cuda"):
+            raise ProviderError(f"the bundle was exported with --target cuda (fused ops that only onnxruntime's CUDA "
+                                f"provider runs): run it with --provider cuda, not {provider}")
+        why = probe("cuda")
+        if why is not None:
+            raise ProviderError(f"the bundle was exported with --target cuda and runs on onnxruntime's CUDA provider "
+                                f"only, which does not start here: {why}")
+        return "cuda"
+    return OPENVINO if provider == "auto" and target == OPENVINO else provider
 
 
 def open_graph(path: str | Path | bytes, provider: str = "cpu", *, threads: int | None = None,
