@@ -269,6 +269,7 @@ def test_cuda_target_is_refused_where_cuda_does_not_start_and_a_cuda_bundle_runs
     m = json.loads((fake / "manifest.json").read_text())
     m["target"] = "cuda"
     (fake / "manifest.json").write_text(json.dumps(m))
+    assert "runs on onnxruntime's CUDA provider only" in run_cli("info", str(fake)).stdout
     for provider in ("cpu", "auto"):
         r = run_cli("run", "--bundle", str(fake), "--voxels", str(trial), "--out", str(tmp_path / f"o-{provider}.png"),
                     "--provider", provider, "--no-verify", "--steps", "2")
