@@ -199,8 +199,8 @@ def _ort_context(provider: str) -> object:
 def _override_cuda_options(changes: list[str]) -> None:
     """`key=value` CUDA provider options over nsdedge's defaults, to measure what each default buys; and three
     that are not provider options: shared_arena=0 (each graph its own arena), mem_pattern=1 (onnxruntime's memory
-    pattern, which also puts a graph's weights in one block), arena.KEY=N (an OrtArenaCfg key of the shared arena,
-    e.g. arena.initial_chunk_size_bytes)."""
+    pattern for activations; the weights still come from the device allocator, one cudaMalloc each), arena.KEY=N
+    (an OrtArenaCfg key of the shared arena, e.g. arena.initial_chunk_size_bytes)."""
     import onnxruntime as ort
 
     from nsdedge.runtime import ort_session, session
