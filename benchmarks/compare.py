@@ -23,6 +23,7 @@ low-memory, timed whole (loads included).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -197,17 +198,20 @@ def _ort_context(provider: str) -> object:
 
 
 def _override_cuda_options(changes: list[str]) -> None:
-    """`key=value` CUDA provider options over nsdedge's defaults, to measure what each default buys; and three
+    """`key=value` CUDA provider options over nsdedge's defaults, to measure what each default buys; and some
     that are not provider options: shared_arena=0 (each graph its own arena), mem_pattern=1 (onnxruntime's memory
     pattern for activations; the weights still come from the device allocator, one cudaMalloc each), arena.KEY=N
-    (an OrtArenaCfg key of the shared arena, e.g. arena.initial_chunk_size_bytes)."""
+    (an OrtArenaCfg key of the shared arena, over the bundle's region: e.g. arena.initial_chunk_size_bytes and
+    arena.max_power_of_two_extend_bytes for the region size), probe=1 (first the memory of one more session of the
+    engine, opened, run and closed)."""
     import onnxruntime as ort
 
     from nsdedge.runtime import ort_session, session
 
     pairs = dict(c.split("=", 1) for c in changes)
+    pairs.pop("probe", None)                                 # side_bundle_cuda's
     if pairs.pop("shared_arena", "1") == "0":
-        ort_session.shared_cuda_arena = lambda ort, device=0: False
+        ort_session.shared_cuda_arena = lambda ort, device=0, region_bytes=None: False
     for k in [k for k in pairs if k.startswith("arena.")]:
         ort_session.SHARED_ARENA_CONFIG[k.removeprefix("arena.")] = int(pairs.pop(k))
     if pairs.pop("mem_pattern", "0") == "1":
@@ -249,21 +253,39 @@ def side_bundle_cuda(a, name: str) -> dict:
 
             voxels = Path(a.workdir) / "voxels-batch.npy"
             rec = Reconstructor(bundle, provider, verify=False, low_memory=mode.endswith("lowmem"))
+            stages = {}
+            denoise = rec.denoise
+
+            def watched(*args, **kw):                   # the peak up to the end of each trial's UNet loop
+                r = denoise(*args, **kw)
+                stages["peak_through_unet"] = gpu.peak_so_far_mb()
+                return r
+            rec.denoise = watched
             out = Path(tempfile.mkdtemp(dir=a.workdir))
             t = time.perf_counter()
             reconstruct(rec, voxels, out, steps=a.steps, guidance=a.guidance)
             total = time.perf_counter() - t
+            stages["peak_all"] = gpu.peak_so_far_mb()
             images = np.stack([np.asarray(__import__("PIL.Image").Image.open(f)) for f in sorted(out.glob("*.png"))])
-            np.save(Path(a.workdir) / f"{name}.npy", images)
+            np.save(Path(a.workdir) / f"{'+'.join([name, *changes])}.npy", images)
             shutil.rmtree(out)
-            r = {"s_per_image": total / a.batch, "batch": a.batch, "batch_s": total}
+            r = {"s_per_image": total / a.batch, "batch": a.batch, "batch_s": total, "above_context_mb_at": {
+                k: (v - context if v is not None and context is not None else None) for k, v in stages.items()}}
         else:
+            stages = {}
+            if "probe=1" in changes:                     # what one more session of the engine costs, run and closed
+                extra = _ort_context(provider)
+                stages["one_more_session"] = gpu.used_mb()
+                del extra
+                gc.collect()
+                stages["one_more_session_closed"] = gpu.used_mb()
             rec = Reconstructor(bundle, provider, verify=False)
             t = time.perf_counter()
-            for c in rec.manifest.components:            # where the memory goes: weights, then each stage's peak
-                if c != "vae_decoder_fp32" and c != "taesd_decoder":
-                    rec.session(c)
-            stages = {"sessions_open": gpu.used_mb()}
+            # where the memory goes: each graph as it opens (weights), then each stage's peak
+            for c in [*rec.manifest.subjects.values(), "vae_decoder", "unet"]:
+                rec.session(c)
+                stages[f"opened_{c}"] = gpu.used_mb()
+            stages["sessions_open"] = gpu.used_mb()
             final = rec.denoise(inputs["tokens"], steps=a.steps, guidance=a.guidance, latents=inputs["latents"])
             stages.update(after_unet=gpu.used_mb(), peak_unet=gpu.peak_so_far_mb())
             rec.decode_latents(final)                                                                  # warm-up

@@ -155,6 +155,28 @@ def test_keep_holds_a_graph_open_in_low_memory_only_within_the_block(tiny_bundle
     assert opened.count("unet") == 1
 
 
+def test_on_a_gpu_provider_the_voxel_decoders_run_on_the_cpu(tiny_bundle, monkeypatch):
+    from nsdedge.runtime import session
+
+    monkeypatch.setattr(session, "resolve", lambda provider: provider)        # as if CUDA and TensorRT started
+    for provider in ("cuda", "tensorrt", "engine"):
+        dec = session.open_session(tiny_bundle, "decoder-subj01", provider)
+        assert dec.provider == "cpu"
+        assert dec.run({"voxels": np.zeros((1, 256), np.float32)})["ip_tokens"].shape == (1, 16, 768)
+    with pytest.raises(ProviderError, match="onnxruntime could not start CUDAExecutionProvider"):
+        session.open_session(tiny_bundle, "unet", "cuda")                    # the UNet still asks for CUDA
+
+
+def test_the_shared_cuda_arena_region_scales_with_the_latent_and_the_activation_type():
+    from nsdedge.runtime.ort_session import ARENA_REGION
+    from nsdedge.runtime.session import arena_bytes
+
+    for size, precision, want in [((64, 64), "fp16", ARENA_REGION), ((64, 64), "fp32", 2 * ARENA_REGION),
+                                  ((96, 96), "fp16", int(ARENA_REGION * 2.25)), ((8, 8), "int8", ARENA_REGION // 32)]:
+        fake = types.SimpleNamespace(latent_size=size, precision=precision)
+        assert arena_bytes(fake) == want >> 20 << 20
+
+
 # -- on a GPU -----------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_cuda_low_memory_and_cuda_graphs_match_the_cpu(tiny_bundle, tmp_path):

@@ -123,6 +123,9 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
     bundle's folder standing in for the component's own (quantization compares a converted graph with it).
     `low_memory`: provider settings for small devices (heuristic cuDNN search, no CUDA graph, an arena of the
     graph's own that is freed with it); otherwise graphs on CUDA share one arena.
+    On a GPU provider the voxel decoders run on onnxruntime's CPU provider: one small GEMM chain per trial (under
+    a millisecond for a rank-256 ridge), while a GPU session of their own costs device memory beyond its weights
+    for the whole run (on an H100: 84 MB at the peak for a 14 MB decoder).
     `engine_cache` / `engine_batches`: where native engines live and which profiles they were built for.
     `profile`: a file prefix for onnxruntime's profiler (benchmarks/profile_unet.py); on OpenVINO, per-node
     counters (OvSession.profile_by_type)."""
@@ -130,6 +133,8 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
     manifest = manifest or read_manifest(bundle, verify=False)
     provider = resolve(bundle_provider(manifest, provider))
     path = bundle / (file or manifest.components[component].file)
+    if provider in (*ORT_PROVIDERS, ENGINE) and component in manifest.subjects.values():
+        provider = "cpu"                                  # a voxel decoder (see above)
     if provider == OPENVINO:
         from .ov_session import OvSession
 
@@ -151,7 +156,7 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
             if not engine_paths(cache, key)[0].exists() and engine_paths(cache, typed)[0].exists():
                 key = typed                      # built with build-engines --strongly-typed (checked when opened)
             return EngineSession(cache, key)
-        provider = "cuda" if probe("cuda") is None else "cpu"      # decoders are one GEMM: onnxruntime runs them
+        raise ProviderError(f"{component}: no native engine is built for it (engines: {', '.join(ENGINE_COMPONENTS)})")
     options = None
     if provider == "tensorrt":
         if manifest.extra.get("fused_attention") and component == "unet":
@@ -163,7 +168,17 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
         # the UNet runs the same shapes every step: one captured CUDA graph per batch size replays it
         options = cuda_options(low_memory, cuda_graph=component == "unet" and not low_memory and not profile)
     return OrtSession(path, provider, threads=threads, provider_options=options, profile=profile,
-                      shared_arena=not low_memory)
+                      shared_arena=not low_memory, arena_bytes=arena_bytes(manifest))
+
+
+def arena_bytes(manifest: Manifest) -> int:
+    """The shared CUDA arena's region for this bundle: what SD 1.5's UNet and VAE needed for one 512^2 image in
+    fp16 (ort_session.ARENA_REGION), scaled by the latent's area and by 2 where activations are fp32."""
+    from .ort_session import ARENA_REGION
+
+    h, w = manifest.latent_size
+    scale = h * w / 64 ** 2 * (1 if manifest.precision == "fp16" else 2)
+    return int(ARENA_REGION * scale) >> 20 << 20
 
 
 # Names of earlier releases, kept for their callers.
