@@ -282,7 +282,8 @@ def side_bundle_cuda(a, name: str) -> dict:
             rec = Reconstructor(bundle, provider, verify=False)
             t = time.perf_counter()
             # where the memory goes: each graph as it opens (weights), then each stage's peak
-            for c in [*rec.manifest.subjects.values(), "vae_decoder", "unet"]:
+            graphs = [*rec.manifest.subjects.values(), "vae_decoder", "unet"]
+            for c in [c for c in graphs if c in rec.manifest.components]:
                 rec.session(c)
                 stages[f"opened_{c}"] = gpu.used_mb()
             stages["sessions_open"] = gpu.used_mb()

@@ -158,13 +158,15 @@ def test_keep_holds_a_graph_open_in_low_memory_only_within_the_block(tiny_bundle
 def test_on_a_gpu_provider_the_voxel_decoders_run_on_the_cpu(tiny_bundle, monkeypatch):
     from nsdedge.runtime import session
 
+    cuda_here = session.probe("cuda") is None
     monkeypatch.setattr(session, "resolve", lambda provider: provider)        # as if CUDA and TensorRT started
     for provider in ("cuda", "tensorrt", "engine"):
         dec = session.open_session(tiny_bundle, "decoder-subj01", provider)
         assert dec.provider == "cpu"
         assert dec.run({"voxels": np.zeros((1, 256), np.float32)})["ip_tokens"].shape == (1, 16, 768)
-    with pytest.raises(ProviderError, match="onnxruntime could not start CUDAExecutionProvider"):
-        session.open_session(tiny_bundle, "unet", "cuda")                    # the UNet still asks for CUDA
+    if not cuda_here:                                                         # the UNet still asks for CUDA
+        with pytest.raises(ProviderError, match="onnxruntime could not start CUDAExecutionProvider"):
+            session.open_session(tiny_bundle, "unet", "cuda")
 
 
 def test_the_shared_cuda_arena_region_scales_with_the_latent_and_the_activation_type():
