@@ -203,13 +203,17 @@ def _override_cuda_options(changes: list[str]) -> None:
     pattern for activations; the weights still come from the device allocator, one cudaMalloc each), arena.KEY=N
     (an OrtArenaCfg key of the shared arena, over the bundle's region: e.g. arena.initial_chunk_size_bytes and
     arena.max_power_of_two_extend_bytes for the region size), probe=1 (first the memory of one more session of the
-    engine, opened, run and closed)."""
+    engine, opened, run and closed), weights=block (each graph's large weights in one allocation: weights_block.py)."""
     import onnxruntime as ort
 
     from nsdedge.runtime import ort_session, session
 
     pairs = dict(c.split("=", 1) for c in changes)
     pairs.pop("probe", None)                                 # side_bundle_cuda's
+    if pairs.pop("weights", "") == "block":
+        import weights_block
+
+        weights_block.patch_onnxruntime()
     if pairs.pop("shared_arena", "1") == "0":
         ort_session.shared_cuda_arena = lambda ort, device=0, region_bytes=None: False
     for k in [k for k in pairs if k.startswith("arena.")]:
@@ -302,6 +306,11 @@ def side_bundle_cuda(a, name: str) -> dict:
             r = {"s_per_image": float(np.median(times)), "times": times, "warmup_s": warm,
                  "above_context_mb_at": stages}
         del rec, keep
+        gc.collect()
+        if "weights=block" in changes:
+            import weights_block
+
+            weights_block.close_all()
     import onnxruntime as ort
     return {"side": "nsdedge-" + "+".join([name, *changes]), **r, **_memory(gpu, context),
             "onnxruntime": ort.__version__}
