@@ -179,6 +179,20 @@ def test_the_shared_cuda_arena_region_scales_with_the_latent_and_the_activation_
         assert arena_bytes(fake) == want >> 20 << 20
 
 
+def test_the_shared_cuda_arena_takes_one_region_size_capped_and_floored(monkeypatch):
+    registered = []
+    fake = types.SimpleNamespace(OrtMemoryInfo=lambda *a: a, OrtAllocatorType=types.SimpleNamespace(
+        ORT_ARENA_ALLOCATOR=1), OrtMemType=types.SimpleNamespace(DEFAULT=0), OrtArenaCfg=dict,
+        create_and_register_allocator_v2=lambda ep, mem, opts, cfg: registered.append(cfg))
+    for asked, region in [(None, ort_session.ARENA_REGION), (0, 1 << 20), (5 << 30, ort_session.ARENA_REGION_MAX)]:
+        monkeypatch.setattr(ort_session, "_SHARED_ARENA", {})
+        assert ort_session.shared_cuda_arena(fake, 0, asked)
+        assert ort_session.shared_cuda_arena(fake, 0, 123 << 20)           # once per process: the first size holds
+        assert registered.pop() == {"initial_chunk_size_bytes": region, "max_power_of_two_extend_bytes": region,
+                                    "arena_extend_strategy": 0, "max_dead_bytes_per_chunk": 1 << 20}
+        assert not registered
+
+
 # -- on a GPU -----------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_cuda_low_memory_and_cuda_graphs_match_the_cpu(tiny_bundle, tmp_path):

@@ -183,7 +183,7 @@ def shared_cuda_arena(ort, device: int = 0, region_bytes: int | None = None) -> 
     lives as long as the process (the environment owns it): closing a Reconstructor frees its weights, not the
     arena's regions; low memory mode uses per-graph arenas instead. False if this onnxruntime cannot."""
     if device not in _SHARED_ARENA:
-        region = int(min(max(region_bytes or ARENA_REGION, 1 << 20), ARENA_REGION_MAX))
+        region = int(min(max(ARENA_REGION if region_bytes is None else region_bytes, 1 << 20), ARENA_REGION_MAX))
         cfg = {"initial_chunk_size_bytes": region, "max_power_of_two_extend_bytes": region, **SHARED_ARENA_CONFIG}
         try:
             mem = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device, ort.OrtMemType.DEFAULT)
