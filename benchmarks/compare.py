@@ -200,10 +200,11 @@ def _ort_context(provider: str) -> object:
 def _override_cuda_options(changes: list[str]) -> None:
     """`key=value` CUDA provider options over nsdedge's defaults, to measure what each default buys; and some
     that are not provider options: shared_arena=0 (each graph its own arena), mem_pattern=1 (onnxruntime's memory
-    pattern for activations; the weights still come from the device allocator, one cudaMalloc each), arena.KEY=N
-    (an OrtArenaCfg key of the shared arena, over the bundle's region: e.g. arena.initial_chunk_size_bytes and
-    arena.max_power_of_two_extend_bytes for the region size), probe=1 (first the memory of one more session of the
-    engine, opened, run and closed), weights=block (each graph's large weights in one allocation: weights_block.py)."""
+    pattern for activations), arena.KEY=N (an OrtArenaCfg key of the shared arena), region=MB (the shared arena's
+    first region), weights=block (each graph's weights over 1 MB in one allocation: ort_session.WEIGHT_BLOCK_BYTES),
+    split=0 (low memory: the guided UNet batch whole, not in halves), probe=1 (first the memory of one more session
+    of the engine, opened, run and closed), arena_log=1 (onnxruntime's verbose log: each arena extension with the
+    request that caused it, kept in the side's result)."""
     import onnxruntime as ort
 
     from nsdedge.runtime import ort_session, session
@@ -211,9 +212,13 @@ def _override_cuda_options(changes: list[str]) -> None:
     pairs = dict(c.split("=", 1) for c in changes)
     pairs.pop("probe", None)                                 # side_bundle_cuda's
     if pairs.pop("weights", "") == "block":
-        import weights_block
-
-        weights_block.patch_onnxruntime()
+        ort_session.WEIGHT_BLOCK_BYTES = 1 << 20
+    if "region" in pairs:
+        region = int(pairs.pop("region")) << 20
+        ort_session.SHARED_ARENA_CONFIG["initial_chunk_size_bytes"] = region
+    pairs.pop("split", None)                                 # side_bundle_cuda's
+    if pairs.pop("arena_log", "0") == "1":
+        ort.set_default_logger_severity(0)
     if pairs.pop("shared_arena", "1") == "0":
         ort_session.shared_cuda_arena = lambda ort, device=0, region_bytes=None: False
     for k in [k for k in pairs if k.startswith("arena.")]:
@@ -257,6 +262,7 @@ def side_bundle_cuda(a, name: str) -> dict:
 
             voxels = Path(a.workdir) / "voxels-batch.npy"
             rec = Reconstructor(bundle, provider, verify=False, low_memory=mode.endswith("lowmem"))
+            rec.split_guidance = rec.split_guidance and "split=0" not in changes
             stages = {}
             denoise = rec.denoise
 
@@ -307,10 +313,6 @@ def side_bundle_cuda(a, name: str) -> dict:
                  "above_context_mb_at": stages}
         del rec, keep
         gc.collect()
-        if "weights=block" in changes:
-            import weights_block
-
-            weights_block.close_all()
     import onnxruntime as ort
     return {"side": "nsdedge-" + "+".join([name, *changes]), **r, **_memory(gpu, context),
             "onnxruntime": ort.__version__}
@@ -352,6 +354,10 @@ def main_cuda(a) -> None:
         else:
             r = json.loads(p.stdout.strip().splitlines()[-1])
             r["process_s"] = time.perf_counter() - t
+            if "arena_log=1" in side:                      # onnxruntime's arena extensions, each with its request
+                r["arena_log"] = [ln[ln.find("]") + 1:].strip() for ln in p.stderr.splitlines()
+                                  if "BFCArena" in ln or "Extended allocation" in ln or "Total allocated" in ln]
+                r["verbose_lines"] = len(p.stderr.splitlines())
             result["sides"][r["side"]] = r
             result["machine"] = result["machine"] or r.get("gpu")
             print(f"  {r['s_per_image']:.3f} s/image, peak {r['peak_gpu_mb']:.0f} MB "

@@ -155,6 +155,89 @@ def test_keep_holds_a_graph_open_in_low_memory_only_within_the_block(tiny_bundle
     assert opened.count("unet") == 1
 
 
+def test_low_memory_on_a_gpu_runs_the_guidance_halves_one_after_the_other(tiny_bundle):
+    """The two halves of a guided batch at batch 1 (split_guidance: on CUDA in low memory mode), each with its own
+    conditioning: the same latents as the batch of 2 to float rounding."""
+    seen = []
+    x = np.random.default_rng(4).standard_normal((1, 256)).astype(np.float32)
+    whole = Reconstructor(tiny_bundle, "cpu")
+    split = Reconstructor(tiny_bundle, "cpu", low_memory=True,
+                          observer=lambda c, feeds, out: c == "unet" and seen.append(feeds))
+    assert not split.split_guidance                       # on the CPU the modes give the same bytes (above)
+    split.split_guidance = True                           # as on CUDA
+    tokens = whole.decode(x)
+    a, b = whole.denoise(tokens, steps=3, seed=5), split.denoise(tokens, steps=3, seed=5)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+    assert len(seen) == 2 * 3 and all(len(f["sample"]) == len(f["encoder_hidden_states"]) == 1 for f in seen)
+    assert np.array_equal(seen[0]["ip_tokens"], split.uncond_tokens) and np.array_equal(seen[1]["ip_tokens"], tokens)
+    assert np.array_equal(seen[0]["encoder_hidden_states"], split.negative_embeds)
+    seen.clear()
+    split.denoise(tokens, steps=2, guidance=1.0)          # no guidance: one call per step, as in the normal mode
+    assert len(seen) == 2
+
+
+def test_weights_are_located_in_the_graph_without_the_onnx_package(tiny_bundle, tmp_path):
+    """device_weights reads ModelProto.graph.initializer itself: the same names, types, dims and bytes as onnx
+    finds, for raw_data inside the file and for external data beside it."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    from nsdedge.runtime.device_weights import initializers
+
+    model = onnx.load(str(tiny_bundle / "unet.onnx"))
+    want = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type in (1, 10)}
+    onnx.save(model, str(tmp_path / "unet.onnx"), save_as_external_data=True, location="unet.onnx.data",
+              size_threshold=1024)
+    for path in (tiny_bundle / "unet.onnx", tmp_path / "unet.onnx"):
+        found = initializers(path)
+        assert {w.name for w in found} == set(want)
+        for w in found:
+            got = np.fromfile(w.file, w.dtype, int(np.prod(w.dims)), offset=w.offset).reshape(w.dims)
+            assert got.dtype == want[w.name].dtype and np.array_equal(got, want[w.name]), w.name
+        outside = "unet.onnx" if path.parent == tiny_bundle else "unet.onnx.data"    # raw_data inline, or beside
+        assert {w.file.name for w in found if w.nbytes >= 1024} == {outside}
+    big = initializers(tiny_bundle / "unet.onnx", min_bytes=64 << 10)
+    assert big and all(w.nbytes >= 64 << 10 for w in big)
+
+
+def test_a_weight_block_is_what_onnxruntime_computes_with(tiny_bundle):
+    """The block's views replace the graph's own weights (the CPU provider stands in for CUDA: the same DLPack
+    views of host memory): the same outputs, and writing the block changes them."""
+    ort = pytest.importorskip("onnxruntime")
+    from nsdedge.runtime.device_weights import WeightBlock, initializers
+
+    path = tiny_bundle / "vae_decoder.onnx"
+    block = WeightBlock(path, "cpu", min_bytes=0)
+    assert set(block.values) == {w.name for w in initializers(path)}
+    assert block.nbytes >= sum(w.nbytes for w in initializers(path))
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    block.supply(opts)
+    viewed = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    own = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    z = {"latent": np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    before = viewed.run(None, z)[0]
+    assert np.array_equal(before, own.run(None, z)[0])
+    block._host[:] = 0
+    assert not np.array_equal(viewed.run(None, z)[0], before)
+    del viewed
+    block.free()
+    assert not block.values
+
+
+def test_closing_a_session_frees_its_weight_block_after_the_session(tiny_bundle):
+    freed = []
+    sess = OrtSession(tiny_bundle / "vae_decoder.onnx", "cpu")
+    sess._weights = types.SimpleNamespace(free=lambda: freed.append(sess.sess))
+    sess.close()
+    assert freed == [None] and sess.sess is None              # the session was gone when the block was freed
+    held = OrtSession(tiny_bundle / "vae_decoder.onnx", "cpu")
+    held._weights = types.SimpleNamespace(free=lambda: freed.append("freed under a live session"))
+    keep = held.sess                                          # someone still holds the session: the block stays
+    held.close()
+    assert freed == [None] and keep is not None
+
+
 def test_on_a_gpu_provider_the_voxel_decoders_run_on_the_cpu(tiny_bundle, monkeypatch):
     from nsdedge.runtime import session
 
@@ -170,13 +253,14 @@ def test_on_a_gpu_provider_the_voxel_decoders_run_on_the_cpu(tiny_bundle, monkey
 
 
 def test_the_shared_cuda_arena_region_scales_with_the_latent_and_the_activation_type():
-    from nsdedge.runtime.ort_session import ARENA_REGION
+    from nsdedge.runtime.ort_session import ARENA_REGION, ARENA_REGION_LOW
     from nsdedge.runtime.session import arena_bytes
 
     for size, precision, want in [((64, 64), "fp16", ARENA_REGION), ((64, 64), "fp32", 2 * ARENA_REGION),
                                   ((96, 96), "fp16", int(ARENA_REGION * 2.25)), ((8, 8), "int8", ARENA_REGION // 32)]:
         fake = types.SimpleNamespace(latent_size=size, precision=precision)
         assert arena_bytes(fake) == want >> 20 << 20
+        assert arena_bytes(fake, low_memory=True) == int(want * ARENA_REGION_LOW / ARENA_REGION) >> 20 << 20
 
 
 def test_the_shared_cuda_arena_takes_one_region_size_capped_and_floored(monkeypatch):
@@ -188,8 +272,8 @@ def test_the_shared_cuda_arena_takes_one_region_size_capped_and_floored(monkeypa
         monkeypatch.setattr(ort_session, "_SHARED_ARENA", {})
         assert ort_session.shared_cuda_arena(fake, 0, asked)
         assert ort_session.shared_cuda_arena(fake, 0, 123 << 20)           # once per process: the first size holds
-        assert registered.pop() == {"initial_chunk_size_bytes": region, "max_power_of_two_extend_bytes": region,
-                                    "arena_extend_strategy": 0, "max_dead_bytes_per_chunk": 1 << 20}
+        assert registered.pop() == {"initial_chunk_size_bytes": region, "arena_extend_strategy": 0,
+                                    "max_dead_bytes_per_chunk": 1 << 20}
         assert not registered
 
 
@@ -209,6 +293,31 @@ def test_cuda_low_memory_and_cuda_graphs_match_the_cpu(tiny_bundle, tmp_path):
         assert np.abs(cuda(x, steps=4).astype(int) - cpu.astype(int)).max() <= 3
     lean = Reconstructor(tiny_bundle, "cuda", low_memory=True)(x, steps=4)
     assert np.abs(lean.astype(int) - cpu.astype(int)).max() <= 3
+
+
+@pytest.mark.gpu
+def test_cuda_weight_blocks_give_the_same_images_and_close_cleanly(tiny_bundle, monkeypatch):
+    """Every weight of the tiny bundle in a block (threshold 0): the images without blocks, in the normal mode and
+    in the low-memory mode, whose sessions close (and free their blocks) between stages; then a second bundle."""
+    import gc
+
+    from nsdedge.runtime.session import probe
+
+    pytest.importorskip("onnxruntime")
+    if probe("cuda") is not None:
+        pytest.skip(probe("cuda"))
+    x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
+    plain = Reconstructor(tiny_bundle, "cuda")(x, steps=4).astype(int)
+    monkeypatch.setattr(ort_session, "WEIGHT_BLOCK_BYTES", 0)
+    rec = Reconstructor(tiny_bundle, "cuda")
+    assert np.abs(rec(x, steps=4).astype(int) - plain).max() <= 1
+    assert rec.session("unet")._weights is not None and rec.session("unet")._weights.values
+    del rec
+    gc.collect()
+    lean = Reconstructor(tiny_bundle, "cuda", low_memory=True)
+    for _ in range(2):
+        assert np.abs(lean(x, steps=4).astype(int) - plain).max() <= 3
+    assert lean._sessions == {}
 
 
 # -- --target cuda: onnxruntime's GPU fusions --------------------------------------------------------------------

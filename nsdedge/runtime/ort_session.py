@@ -11,6 +11,8 @@ import gc
 import io
 import logging
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -162,29 +164,42 @@ def _missing_library(ort, provider: str) -> str | None:
 
 # -- one CUDA arena for all the graphs of a process -------------------------------------------------------------
 _SHARED_ARENA: dict[int, bool] = {}
-# OrtArenaCfg keys over the region (shared_cuda_arena): regions of one size, split to the byte (a chunk serving a
-# smaller request is split, not handed out whole), so that freed UNet activations coalesce into what the VAE asks for
+# OrtArenaCfg keys beside the first region (shared_cuda_arena): growth by doubling, chunks split to the byte (a chunk
+# serving a smaller request is split, not handed out whole), so that freed UNet activations serve the VAE's requests
 SHARED_ARENA_CONFIG = {"arena_extend_strategy": 0, "max_dead_bytes_per_chunk": 1 << 20}
 ARENA_REGION = 448 << 20          # SD 1.5 fp16 at 512^2 (below); session.arena_bytes scales it to a bundle
+# low memory mode: a batch-1 UNet (the guidance halves one after the other), then the VAE. Measured on an H100 (fp16
+# 512^2, weights in blocks): the UNet stage peaked at 2004 MB with a first region of 256 MB (its activations fit),
+# 2132 with 128 (+256) and 2196 with 64 (+128 +256)
+ARENA_REGION_LOW = 256 << 20
 ARENA_REGION_MAX = 1 << 30
+# On CUDA, a graph's weights of at least this many bytes in one allocation (device_weights.py) instead of one
+# cudaMalloc each; None: off (benchmarks/compare.py's +weights=block sets 1 MB). Measured on an H100 through a
+# benchmark hook that freed the blocks after every session was gone: SD 1.5 fp16 peaked at 2402 MB instead of 2686,
+# with the same images. Off until a GPU run checks this form, where a block is freed when its session closes: its
+# first version freed blocks under native sessions still alive (kept by their NodeArgs) and two of three portable
+# fp32 runs died without a message; close() now waits for the session (tests/test_gpu_path.py has the @gpu test).
+WEIGHT_BLOCK_BYTES: int | None = None
 
 
 def shared_cuda_arena(ort, device: int = 0, region_bytes: int | None = None) -> bool:
     """Register one CUDA arena in onnxruntime's environment (once per process and device: the first bundle's
     region size holds) for sessions opened with `session.use_env_allocators`: the VAE reuses the UNet's activation
-    memory instead of growing its own. The arena takes device memory in regions of `region_bytes` (capped at
-    ARENA_REGION_MAX; a larger request gets a region of its own), and a freed chunk coalesces with its neighbours
-    only inside a region: the UNet and VAE of one image should fit in one. Measured on an H100 (SD 1.5 fp16,
-    512^2, guidance): regions of 384 and 448 MB held both; 256 and 320 MB did not (the overflow costs another
-    region), and growing by each request's size (kSameAsRequested) left the VAE no chunk large enough, 380 MB more
-    at the peak than one region; the portable fp32 bundle's UNet filled two regions of 896 MB and still peaked 1 GB
-    lower than growing by request. Weights bypass the arena (session.use_device_allocator_for_initializers), so
-    what a captured CUDA graph leaves in the arena is only activations, never another graph's weights. The arena
-    lives as long as the process (the environment owns it): closing a Reconstructor frees its weights, not the
-    arena's regions; low memory mode uses per-graph arenas instead. False if this onnxruntime cannot."""
+    memory instead of growing its own. The arena's first region is `region_bytes` (at most ARENA_REGION_MAX) and
+    each later one twice the last, up to 1 GB: onnxruntime's CUDA allocator takes initial_chunk_size_bytes from
+    OrtArenaCfg but not max_power_of_two_extend_bytes (its log on an H100: 128, 256, 512, 1024 MB whatever was set).
+    A freed chunk coalesces with its neighbours only inside a region, so the UNet's and VAE's activations of one
+    image should fit in the first. Measured on an H100 (SD 1.5 fp16, 512^2, guidance): a first region of 384 or 448
+    MB held both; 256 and 320 MB did not (the overflow costs a region twice as large), and growing by each
+    request's size (kSameAsRequested) left the VAE no chunk large enough, 380 MB more at the peak than one region;
+    the portable fp32 bundle still peaked 1 GB lower than growing by request. Weights bypass the arena
+    (session.use_device_allocator_for_initializers, or a WeightBlock), so what a captured CUDA graph leaves in it
+    is only activations, never another graph's weights (with weights drawn from it, the tiny test bundle's images
+    came out garbled on an H100). The arena lives as long as the process (the environment owns it): closing a
+    Reconstructor frees its weights, not the arena's regions. False if this onnxruntime cannot."""
     if device not in _SHARED_ARENA:
         region = int(min(max(ARENA_REGION if region_bytes is None else region_bytes, 1 << 20), ARENA_REGION_MAX))
-        cfg = {"initial_chunk_size_bytes": region, "max_power_of_two_extend_bytes": region, **SHARED_ARENA_CONFIG}
+        cfg = {"initial_chunk_size_bytes": region, **SHARED_ARENA_CONFIG}
         try:
             mem = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device, ort.OrtMemType.DEFAULT)
             ort.create_and_register_allocator_v2(ORT_PROVIDERS["cuda"], mem, {"device_id": str(device)},
@@ -196,6 +211,15 @@ def shared_cuda_arena(ort, device: int = 0, region_bytes: int | None = None) -> 
     return _SHARED_ARENA[device]
 
 
+@dataclass(frozen=True)
+class Port:
+    """A graph input's name, shape (ints, and names of symbolic dimensions) and onnxruntime type string."""
+
+    name: str
+    shape: list
+    type: str
+
+
 class OrtSession:
     """One ONNX graph on one onnxruntime provider (cpu | cuda | tensorrt)."""
 
@@ -203,7 +227,7 @@ class OrtSession:
                  provider_options: dict | None = None, *, profile: str | None = None, shared_arena: bool = False,
                  arena_bytes: int | None = None):
         """`path`: an ONNX file (external data beside it), or a serialised model. `shared_arena` (cuda): draw
-        activations from the process's one CUDA arena (shared_cuda_arena), in regions of `arena_bytes` (the
+        activations from the process's one CUDA arena (shared_cuda_arena), first region `arena_bytes` (the
         bundle's estimate, session.arena_bytes) if it is the first to open it."""
         if provider not in ORT_PROVIDERS:
             raise ProviderError(f"onnxruntime has no provider {provider!r} (choose from {', '.join(ORT_PROVIDERS)})")
@@ -219,13 +243,24 @@ class OrtSession:
             opts.enable_cpu_mem_arena = False
             opts.add_session_config_entry("session.disable_prepacking", "1")
         else:
-            # weights straight from the device allocator: the arena holds activations only, and never rounds a
-            # 1.7 GB UNet up to its next chunk. No memory pattern: measured on an H200 (fp16 SD 1.5 UNet, batch 2,
-            # 512^2, CUDA graph), the UNet's activations took 1020 MB with it and 600 MB without, at the same speed.
-            opts.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+            # No memory pattern: measured on an H200 (fp16 SD 1.5 UNet, batch 2, 512^2, CUDA graph), the UNet's
+            # activations took 1020 MB with it and 600 MB without, at the same speed.
             opts.enable_mem_pattern = False
+            # weights straight from the device allocator (the large ones in one block, below): the arena holds
+            # activations only, and what a captured CUDA graph leaves in it is never another graph's weights
+            opts.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
             if provider == "cuda" and shared_arena and shared_cuda_arena(ort, 0, arena_bytes):
                 opts.add_session_config_entry("session.use_env_allocators", "1")
+        self._weights = None
+        if provider == "cuda" and WEIGHT_BLOCK_BYTES is not None and not isinstance(path, bytes):
+            from .device_weights import WeightBlock
+
+            try:
+                self._weights = WeightBlock(path, "cuda", WEIGHT_BLOCK_BYTES)
+                self._weights.supply(opts)
+            except (OSError, MemoryError, RuntimeError, ValueError) as e:
+                log.warning("%s: weights one cudaMalloc each (%s)", Path(path).name, e)
+                self._weights = None
         if threads:
             opts.intra_op_num_threads = threads
         elif provider == "cpu":
@@ -252,7 +287,8 @@ class OrtSession:
         if ORT_PROVIDERS[provider] not in used:
             raise ProviderError(f"{name}: onnxruntime could not start {ORT_PROVIDERS[provider]} "
                                 f"(runs on {', '.join(used)}); check the CUDA / TensorRT libraries")
-        self.inputs = {i.name: i for i in self.sess.get_inputs()}
+        # copies: onnxruntime's NodeArg objects keep the native session alive (close() must see it go)
+        self.inputs = {i.name: Port(i.name, list(i.shape), i.type) for i in self.sess.get_inputs()}
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self._output_shapes = {o.name: o.shape for o in self.sess.get_outputs()}
         log.debug("%s on %s%s", name, used[0], " (CUDA graph)" if self.cuda_graph else "")
@@ -260,6 +296,24 @@ class OrtSession:
         self._epoch = 0                          # bumped by bound(): device copies of the constants are stale
         self._slots: dict[tuple, _Slot] = {}
         self.device_io = provider != "cpu"       # inputs and outputs in device buffers (slots); the CPU needs none
+
+    def close(self) -> None:
+        """Free the graph's device memory now: its buffers, its session, then its weight block (never before the
+        session: where something else still holds the session, the block stays until the process ends)."""
+        self._slots, self._bound = {}, {}
+        sess, self.sess = getattr(self, "sess", None), None
+        block, self._weights = getattr(self, "_weights", None), None
+        if block is not None and (sess is None or sys.getrefcount(sess) <= 2):   # this frame's and getrefcount's
+            del sess
+            gc.collect()                                         # a session held in a reference cycle, too
+            block.free()
+
+    def __del__(self):
+        if getattr(self, "_weights", None) is not None:      # only a weight block needs freeing in order
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001  at interpreter exit, modules may be half gone
+                pass
 
     def _without_graph(self, error: Exception) -> None:
         """CUDA graphs need every node on the CUDA provider and nothing that syncs with the host during capture; a

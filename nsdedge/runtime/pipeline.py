@@ -40,7 +40,10 @@ Observer = Callable[[str, dict, dict], None]
 
 class Reconstructor:
     """A bundle, ready to run. `provider`: auto | cpu | cuda | tensorrt | engine (session.py).
-    `low_memory`: one graph loaded at a time (a batch then runs stage by stage: see keep())."""
+    `low_memory`: one graph loaded at a time (a batch then runs stage by stage: see keep()); on the CUDA provider
+    the two halves of a guided UNet batch also run one after the other, at batch 1 (split_guidance: half the
+    activations; the images then differ from the normal mode's by a level or two, as batch 1 and 2 kernels round
+    differently)."""
 
     def __init__(self, bundle: str | Path, provider: str = "auto", *, verify: bool = True,
                  low_memory: bool = False, threads: int | None = None, observer: Observer | None = None,
@@ -51,6 +54,7 @@ class Reconstructor:
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
         self.provider = resolve(bundle_provider(self.manifest, provider))
         self.low_memory = low_memory
+        self.split_guidance = low_memory and self.provider == "cuda"
         self.threads = threads
         self.observer = observer
         self._sessions: dict[str, Backend] = {}
@@ -193,21 +197,23 @@ class Reconstructor:
             ip = np.concatenate([self.uncond_tokens, tokens])
         else:
             text, ip = self.prompt_embeds, tokens
-        constants = {"encoder_hidden_states": text.astype(dtype), "ip_tokens": ip.astype(dtype),
-                     "ip_scale": np.array([ip_scale], dtype)}
+        split = cfg and self.split_guidance            # the two halves at batch 1, one after the other
+        conds = [{"encoder_hidden_states": text[h].astype(dtype), "ip_tokens": ip[h].astype(dtype)}
+                 for h in ([slice(0, 1), slice(1, 2)] if split else [slice(None)])]
+        constants = {"ip_scale": np.array([ip_scale], dtype)}
+        if not split:                                   # one call per step: its conditioning stays on the device
+            constants.update(conds.pop())
+            conds = [{}]
         x = latent * np.float32(sched.init_noise_sigma)                            # (1, 4, h, w)
         # fresh noise between steps: a stream of its own (spawn key 1), never another seed's initial latent
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,))) if sched.stochastic else None
         with unet.bound(constants):                    # uploaded once; per step only the latent travels
             for i, t in enumerate(sched.timesteps):
                 xin = sched.scale_model_input(x, i)
-                if cfg:
+                if cfg and not split:
                     xin = np.concatenate([xin, xin])
                 feeds = {"sample": xin.astype(dtype), "timestep": np.array([t], dtype)}
-                out = unet.run(feeds)
-                if self.observer:
-                    self.observer("unet", {**constants, **feeds}, out)
-                eps = out["noise_pred"].astype(np.float32)
+                eps = np.concatenate([self._unet(unet, constants, {**feeds, **c}) for c in conds])
                 if cfg:
                     eps = eps[:1] + np.float32(guidance) * (eps[1:] - eps[:1])
                 if rng is not None and i < len(sched.timesteps) - 1:
@@ -217,6 +223,12 @@ class Reconstructor:
                 if callback:
                     callback(i + 1, len(sched.timesteps))
         return x[0]
+
+    def _unet(self, unet: Backend, constants: dict, feeds: dict) -> np.ndarray:
+        out = unet.run(feeds)
+        if self.observer:
+            self.observer("unet", {**constants, **feeds}, out)
+        return out["noise_pred"].astype(np.float32)
 
     def decode_latents(self, latents: np.ndarray, vae: str | None = None) -> np.ndarray:
         """(N, 4, h, w) final latents -> (N, H, W, 3) uint8, one image at a time. `vae`: full | tiny (TAESD)."""

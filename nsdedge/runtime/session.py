@@ -121,8 +121,8 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
 
     `manifest`: the bundle's, if already read (else read without hashing). `file`: another graph file in the
     bundle's folder standing in for the component's own (quantization compares a converted graph with it).
-    `low_memory`: provider settings for small devices (heuristic cuDNN search, no CUDA graph, an arena of the
-    graph's own that is freed with it); otherwise graphs on CUDA share one arena.
+    `low_memory`: provider settings for small devices (heuristic cuDNN search, no CUDA graph, smaller arena
+    regions). Graphs on CUDA share one arena (ort_session.shared_cuda_arena).
     On a GPU provider the voxel decoders run on onnxruntime's CPU provider: one small GEMM chain per trial (under
     a millisecond for a rank-256 ridge), while a GPU session of their own costs device memory beyond its weights
     for the whole run (on an H100: 84 MB at the peak for a 14 MB decoder).
@@ -168,17 +168,18 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
         # the UNet runs the same shapes every step: one captured CUDA graph per batch size replays it
         options = cuda_options(low_memory, cuda_graph=component == "unet" and not low_memory and not profile)
     return OrtSession(path, provider, threads=threads, provider_options=options, profile=profile,
-                      shared_arena=not low_memory, arena_bytes=arena_bytes(manifest))
+                      shared_arena=True, arena_bytes=arena_bytes(manifest, low_memory))
 
 
-def arena_bytes(manifest: Manifest) -> int:
+def arena_bytes(manifest: Manifest, low_memory: bool = False) -> int:
     """The shared CUDA arena's region for this bundle: what SD 1.5's UNet and VAE needed for one 512^2 image in
-    fp16 (ort_session.ARENA_REGION), scaled by the latent's area and by 2 where activations are fp32."""
-    from .ort_session import ARENA_REGION
+    fp16 (ort_session.ARENA_REGION, or ARENA_REGION_LOW in low memory mode), scaled by the latent's area and by 2
+    where activations are fp32."""
+    from .ort_session import ARENA_REGION, ARENA_REGION_LOW
 
     h, w = manifest.latent_size
     scale = h * w / 64 ** 2 * (1 if manifest.precision == "fp16" else 2)
-    return int(ARENA_REGION * scale) >> 20 << 20
+    return int((ARENA_REGION_LOW if low_memory else ARENA_REGION) * scale) >> 20 << 20
 
 
 # Names of earlier releases, kept for their callers.
