@@ -182,12 +182,79 @@ def test_a_graph_openvino_cannot_read_is_one_provider_error(tmp_path):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
 def test_compiled_graphs_give_back_their_mapped_weights(ov_bundles):
-    from nsdedge.runtime.ov_session import page_out
+    from nsdedge.runtime.ov_session import release_pages
 
     rec = Reconstructor(ov_bundles["ov-fp32"])
     a = rec(voxels(), steps=2)
-    assert page_out(ov_bundles["ov-fp32"] / "unet.xml") >= 1          # the IR's weights are still mapped, read-only
-    assert page_out(ov_bundles["ov-fp32"] / "missing.xml") == 0
+    assert release_pages(ov_bundles["ov-fp32"] / "unet.xml") >= 1      # the IR's weights are still mapped, read-only
+    assert release_pages(ov_bundles["ov-fp32"] / "missing.xml") == 0
     assert np.array_equal(rec(voxels(), steps=2), a)                   # and read back when needed: same image
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_compile_releases_the_ir_pages_while_it_compiles(ov_bundles, monkeypatch):
+    """Compiling reads the whole mapped IR: its pages leave the process's RSS as compile goes (peak = repacked
+    weights plus about one interval's pages), not only once it is done."""
+    import time
+
+    from nsdedge.runtime import ov_session
+
+    real, calls, compiling = ov_session.core(), [], []
+
+    class SlowCore:                                 # a compile that takes a while, with the real one inside it
+        def read_model(self, path):
+            return real.read_model(path)
+
+        def compile_model(self, *args):
+            compiling.append(time.monotonic())
+            compiled = real.compile_model(*args)
+            time.sleep(0.2)
+            compiling.append(time.monotonic())
+            return compiled
+
+    def release_pages(path):
+        calls.append((time.monotonic(), path))
+        return 1
+
+    monkeypatch.setattr(ov_session, "core", SlowCore)
+    monkeypatch.setattr(ov_session, "release_pages", release_pages)
+    monkeypatch.setattr(ov_session, "RELEASE_EVERY", 0.02)
+    s = ov_session.OvSession(ov_bundles["ov-fp32"] / "vae_decoder.xml")
+    shape = (1, 4, *read_manifest(ov_bundles["ov-fp32"]).latent_size)
+    s.run({"latent": np.zeros(shape, np.float32)})
+    start, end = compiling
+    during = [t for t, p in calls if start < t < end]
+    assert len(during) >= 3 and {p for _, p in calls} == {s.path}
+    assert calls[-1][0] >= end                                      # and once more when it is done
+    n = len(calls)
+    s.run({"latent": np.ones(shape, np.float32)})                   # compiled already: nothing more
+    assert len(calls) == n
+
+    calls.clear()
+    with ov_session.releasing_pages(s.path, every=None):          # no helper: only the final release
+        time.sleep(0.05)
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_only_shared_read_only_mappings_of_the_graph_are_released(tmp_path):
+    import mmap
+
+    from nsdedge.runtime.ov_session import release_pages
+
+    data = np.arange(1 << 18, dtype=np.float32)
+    (tmp_path / "g.bin").write_bytes(data.tobytes())
+    (tmp_path / "other.bin").write_bytes(data.tobytes())
+    with open(tmp_path / "g.bin", "rb") as f, open(tmp_path / "other.bin", "rb") as o:
+        private = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)   # r--p: could hide writes
+        other = mmap.mmap(o.fileno(), 0, access=mmap.ACCESS_READ)                         # another graph's file
+        assert np.frombuffer(private, np.float32).sum() == data.sum()
+        assert release_pages(tmp_path / "g.xml") == 0
+        shared = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)                        # r--s, as OpenVINO maps
+        assert np.frombuffer(shared, np.float32).sum() == data.sum()
+        assert release_pages(tmp_path / "g.xml") == 1
+        assert np.array_equal(np.frombuffer(shared, np.float32), data)                   # read back: the file's
+        for m in (private, other, shared):
+            m.close()
