@@ -8,7 +8,10 @@ timed end-to-end run.
 
     python benchmarks/compare.py --workdir /tmp/nsdedge-compare --precisions fp32,int8 --rounds 1
 
-writes benchmarks/results/<machine>.json and .png.
+writes benchmarks/results/<machine>.json and .png. A side ending in "~low" runs its bundle in low-memory mode; one
+ending in "~batch" (`--batch N`) runs N trials through the library's `reconstruct`, timed whole, loads included:
+
+    python benchmarks/compare.py --batch 4 --precisions "ov-int8-full+bf16~batch,ov-int8-full+bf16~low~batch"
 
 On a GPU, `--device cuda` runs diffusers fp16 (eager), diffusers fp16 with torch.compile, diffusers fp32 (the
 pixel reference) and each bundle on onnxruntime's CUDA provider (and TensorRT's where it starts), each side in
@@ -98,20 +101,35 @@ def side_diffusers(a) -> dict:
 
 def side_bundle(a, precision: str) -> dict:
     """`precision`: a bundle's name; with "~low" (ov-int8-full+bf16~low) the bundle in low-memory mode (one graph
-    open at a time, so each image compiles its graphs again: that time counts)."""
+    open at a time, so each image compiles its graphs again: that time counts); with "~batch" (after "~low" if
+    both) an --batch-trial batch through the library's `reconstruct`, timed whole from opening the bundle (loads,
+    compiles and PNG writing included, no warm-up), e2e_s its time per image."""
     anon = AnonPeak()
     from nsdedge.runtime import Reconstructor
 
-    bundle = Path(a.workdir) / f"bundle-{precision.removesuffix('~low')}"
+    name, batch = precision.removesuffix("~batch"), precision.endswith("~batch")
+    bundle = Path(a.workdir) / f"bundle-{name.removesuffix('~low')}"
     t0 = time.perf_counter()
     rec = Reconstructor(bundle, provider="auto" if precision.startswith("ov-") else "cpu", verify=False,
-                        low_memory=precision.endswith("~low"))
-    inputs = np.load(Path(a.workdir) / "inputs.npz")
-    rec.generate(inputs["tokens"], steps=1, guidance=a.guidance, latents=inputs["latents"])   # loads + warm-up
-    load_warm = time.perf_counter() - t0
-    t = time.perf_counter()
-    img = rec.generate(inputs["tokens"], steps=a.steps, guidance=a.guidance, latents=inputs["latents"])
-    e2e = time.perf_counter() - t
+                        low_memory=name.endswith("~low"))
+    if batch:
+        import tempfile
+
+        from PIL import Image
+
+        from nsdedge.runtime.batch import reconstruct
+
+        with tempfile.TemporaryDirectory(dir=a.workdir) as out:
+            reconstruct(rec, Path(a.workdir) / "voxels-batch.npy", out, steps=a.steps, guidance=a.guidance)
+            img = np.stack([np.asarray(Image.open(f)) for f in sorted(Path(out).glob("*.png"))])
+        load_warm, e2e = 0.0, (time.perf_counter() - t0) / len(img)
+    else:
+        inputs = np.load(Path(a.workdir) / "inputs.npz")
+        rec.generate(inputs["tokens"], steps=1, guidance=a.guidance, latents=inputs["latents"])   # loads + warm-up
+        load_warm = time.perf_counter() - t0
+        t = time.perf_counter()
+        img = rec.generate(inputs["tokens"], steps=a.steps, guidance=a.guidance, latents=inputs["latents"])
+        e2e = time.perf_counter() - t
     np.save(Path(a.workdir) / f"{precision}.npy", img)
     if rec.provider == "openvino":
         import openvino
@@ -119,7 +137,7 @@ def side_bundle(a, precision: str) -> dict:
     else:
         import onnxruntime
         engine = {"onnxruntime": onnxruntime.__version__}
-    return {"side": f"nsdedge-{precision}", "load_and_warmup_s": load_warm, "e2e_s": e2e,
+    return {"side": f"nsdedge-{precision}", "load_and_warmup_s": load_warm, "e2e_s": e2e, "images": len(img),
             "peak_rss_mb": peak_rss_mb(), "peak_anon_mb": anon.mb, **engine}
 
 
@@ -325,9 +343,7 @@ def main_cuda(a) -> None:
     precisions = a.precisions.split(",")
     prepare(a, precisions)
     if a.batch:                   # (from the manifest: this process opens nothing on the GPU the sides measure)
-        from nsdedge.bundle import read_manifest
-        v = int(read_manifest(work / "bundle-fp32").components["decoder-synth01"].extra["voxels"])
-        np.save(work / "voxels-batch.npy", np.random.default_rng(1).standard_normal((a.batch, v)).astype(np.float32))
+        save_batch_voxels(work, a.batch)
     sides = a.sides.split(",") if a.sides else (
         ["diffusers-fp16", *[p for p in precisions], "diffusers-fp32", "diffusers-fp16-compile"] +
         ([f"{p}-batch{m}" for p in precisions if p.endswith("fp16") for m in ("", "-lowmem")] if a.batch else []))
@@ -388,6 +404,13 @@ def main_cuda(a) -> None:
     print(f"written {out}")
 
 
+def save_batch_voxels(work: Path, n: int) -> None:
+    """voxels-batch.npy: `n` standard-normal trials of the synthetic subject (the batch sides' input)."""
+    from nsdedge.bundle import read_manifest
+    v = int(read_manifest(work / "bundle-fp32").components["decoder-synth01"].extra["voxels"])
+    np.save(work / "voxels-batch.npy", np.random.default_rng(1).standard_normal((n, v)).astype(np.float32))
+
+
 def preset_sources(w: Path):
     """The saved preset's weights loaded back through nsdedge's loaders, as `nsdedge export --sd ...` does."""
     from nsdedge.decoders.linear import read_decoder
@@ -425,7 +448,7 @@ def prepare(a, precisions: list[str]) -> None:
     derived_from_fp32 = [p for p in precisions if p in ("fp16", "int8") or p.startswith(("ov-", "cu-"))]
     if derived_from_fp32 and "fp32" not in precisions:
         precisions = ["fp32", *precisions]                # the one traced export the others are converted from
-    precisions = sorted({p.removesuffix("~low") for p in precisions}, key=lambda p: p != "fp32")
+    precisions = sorted({p.split("~")[0] for p in precisions}, key=lambda p: p != "fp32")
     for p in precisions:
         # ov-fp32 | ov-bf16 | ov-int8 | ov-int8-full | ov-int8-hybrid: OpenVINO IR (full / hybrid: NNCF's recipes,
         # calibrated on 4 standard-normal trials of the synthetic subject, the last 2 held out for the fidelity report);
@@ -497,7 +520,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--images", type=int, default=3, help="cuda: timed images per side (median)")
-    ap.add_argument("--batch", type=int, default=0, help="cuda: also an N-trial batch, normal and low-memory")
+    ap.add_argument("--batch", type=int, default=0, help="cuda: also an N-trial batch, normal and low-memory; cpu: "
+                    "the trials of the ~batch sides (e.g. ov-int8-full+bf16~low~batch)")
     ap.add_argument("--sides", help="cuda: sides to run, in order (default: all)")
     ap.add_argument("--results", help="cuda: folder for cuda-compare.json (default benchmarks/results)")
     ap.add_argument("--merge", action="store_true", help="cuda: keep the sides of an earlier cuda-compare.json")
@@ -523,8 +547,11 @@ def main() -> None:
         main_cuda(a)
         return
     precisions = a.precisions.split(",")
-    Path(a.workdir).mkdir(parents=True, exist_ok=True)
+    if any(p.endswith("~batch") for p in precisions) and a.batch < 1:
+        ap.error("a ~batch side needs --batch N (N >= 1)")
     prepare(a, precisions)
+    if a.batch:
+        save_batch_voxels(Path(a.workdir), a.batch)
     runs: dict[str, list[dict]] = {}
     for rnd in range(a.rounds):
         for side in ["diffusers", *precisions]:
@@ -542,7 +569,7 @@ def main() -> None:
     ref = np.load(work / "diffusers.npy").astype(int)
     sizes = {}
     for p in precisions:
-        m = json.loads((work / f"bundle-{p.removesuffix('~low')}" / "manifest.json").read_text())
+        m = json.loads((work / f"bundle-{p.split('~')[0]}" / "manifest.json").read_text())
         sizes[f"nsdedge-{p}"] = sum(f["size"] for f in m["files"].values()) / 2 ** 20
     sizes["diffusers-fp32"] = sum(f.stat().st_size for f in (work / "weights" / "sd15").rglob("*")
                                   if f.is_file() and f.parent.name in ("unet", "vae")) / 2 ** 20
@@ -552,10 +579,17 @@ def main() -> None:
                   "disk_ratio": sizes[s] / sizes["diffusers-fp32"]} for s, v in median.items()}
     for p in precisions:
         img = np.load(work / f"{p}.npy").astype(int)
-        ratios[f"nsdedge-{p}"]["max_abs_pixel_diff_vs_diffusers"] = int(np.abs(img - ref).max())
+        if p.endswith("~batch"):                          # other trials than diffusers': normal against low memory
+            other = (f"{p.removesuffix('~low~batch')}~batch" if p.endswith("~low~batch") else
+                     f"{p.removesuffix('~batch')}~low~batch")
+            if other in precisions:                       # (this run's images: not a file left by another run)
+                ratios[f"nsdedge-{p}"]["batch_max_abs_pixel_diff_normal_vs_low_memory"] = int(
+                    np.abs(img - np.load(work / f"{other}.npy").astype(int)).max())
+        else:
+            ratios[f"nsdedge-{p}"]["max_abs_pixel_diff_vs_diffusers"] = int(np.abs(img - ref).max())
     from nsdedge.bench import cpu_flags, cpu_name
     result = {"machine": machine_name(), "cpu": cpu_name(), "cpu_flags": cpu_flags(), "resolution": a.resolution,
-              "steps": a.steps, "guidance": a.guidance,
+              "steps": a.steps, "guidance": a.guidance, "batch": a.batch,
               "scheduler": "ddim", "rounds": a.rounds, "command": " ".join(sys.argv), "median": median,
               "sizes_mb": sizes, "ratios": ratios, "runs": runs,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -563,12 +597,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
-    print(f"{'side':<30}{'s/image':>9}{'speed-up':>10}{'peak RSS MB':>13}{'RSS ratio':>11}{'anon MB':>9}"
+    print(f"{'side':<40}{'s/image':>9}{'speed-up':>10}{'peak RSS MB':>13}{'RSS ratio':>11}{'anon MB':>9}"
           f"{'anon ratio':>12}{'disk ratio':>11}")
     for s, v in median.items():
         r = ratios[s]
-        print(f"{s:<30}{v['e2e_s']:>9.1f}{r['speedup_vs_diffusers']:>10.2f}{v['peak_rss_mb']:>13.0f}"
-              f"{r['peak_rss_ratio']:>11.2f}{v['peak_anon_mb']:>9.0f}{r['peak_anon_ratio']:>12.2f}{r['disk_ratio']:>11.2f}")
+        print(f"{s:<40}{v['e2e_s']:>9.1f}{r['speedup_vs_diffusers']:>10.2f}{v['peak_rss_mb']:>13.0f}"
+              f"{r['peak_rss_ratio']:>11.2f}{v['peak_anon_mb']:>9.0f}{r['peak_anon_ratio']:>12.2f}"
+              f"{r['disk_ratio']:>11.2f}")
     print(f"written {out}")
 
 
