@@ -13,6 +13,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the README's `-n 2`) each worker takes its own share of the CPUs: what it starts (torch,
+    onnxruntime, OpenVINO, the CLI's subprocesses) sizes its threads by the affinity, so two workers do not run
+    a thread per core each on the same cores. Without xdist nothing changes."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and count.isdigit() and hasattr(os, "sched_setaffinity"):
+        cpus, n, i = sorted(os.sched_getaffinity(0)), int(count), int(worker[2:])
+        if len(cpus) >= n:
+            os.sched_setaffinity(0, cpus[i::n])
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m nsdedge.cli ...` as a user would; returns the completed process (text output)."""
     full_env = {**os.environ, **(env or {})}
