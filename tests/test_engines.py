@@ -141,6 +141,15 @@ def test_bound_constants_give_the_same_outputs(tiny_bundle):
 @pytest.mark.gpu
 def test_native_engines_build_cache_and_match_cpu(tmp_path):
     pytest.importorskip("tensorrt")
+    pytest.importorskip("diffusers")
+    from nsdedge.errors import ProviderError
+    from nsdedge.runtime.session import resolve
+    from nsdedge.runtime.trt_engine import this_device
+
+    try:                                  # TensorRT installed is not enough: cuda-python and a GPU must be there
+        resolve("engine"), this_device()
+    except ProviderError as e:
+        pytest.skip(str(e))
     from nsdedge.export.trt_build import build_engines
     from nsdedge.export.build import export_bundle
     from nsdedge.export.presets import build_preset

@@ -156,6 +156,78 @@ def test_full_int8_recipe_from_recorded_calibration(tiny_bundle, tmp_path):
         assert not (tmp_path / "refused").exists()
 
 
+def test_bad_calibration_data_is_refused_before_any_conversion(tiny_bundle, tmp_path):
+    """A recorded calibration file that cannot feed the bundle's graphs, or calibration trials of no subject's voxel
+    count, is a one-line error naming the file before NNCF (or anything else) runs, and no bundle is left; what
+    `nsdedge calibrate` records passes."""
+    from nsdedge.calibration import load_calibration, record_calibration
+    from nsdedge.errors import InputError
+    from nsdedge.export.quantize import check_records
+
+    rec = Reconstructor(tiny_bundle, "cpu")
+    good = tmp_path / "good.npz"
+    record_calibration(rec, np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32), steps=2).save(good)
+    data = load_calibration(good)
+    check_records(good, rec.manifest, data)
+
+    def nan_sample(u):
+        u["sample"] = u["sample"].copy()
+        u["sample"][0, 0, 0, 0, 0] = np.nan
+
+    def without_ip_tokens(u):
+        u.pop("ip_tokens")
+        u.pop("ip_tokens@calls", None)
+
+    cases = {"missing": (without_ip_tokens, "calls lack ip_tokens"),
+             "extra": (lambda u: u.update(mask=u["sample"]), "hold mask, not inputs of the graph"),
+             "shape": (lambda u: u.update(encoder_hidden_states=u["encoder_hidden_states"][..., :512]),
+                       "encoder_hidden_states calls are (2, 77, 512); the graph takes (batch, 77, 768)"),
+             "calls": (lambda u: u.update(sample=u["sample"][:-1]), "different numbers of calls"),
+             "nan": (nan_sample, "unet/sample is not finite")}
+    for name, (change, says) in cases.items():
+        arrays = {c: dict(a) for c, a in data.items()}
+        change(arrays["unet"])
+        bad = tmp_path / f"{name}.npz"
+        np.savez(bad, **{f"{c}/{n}": v for c, a in arrays.items() for n, v in a.items()})
+        with pytest.raises(InputError, match=f"{bad}: .*{says}".replace("(", r"\(").replace(")", r"\)")):
+            derived(tiny_bundle, tmp_path / "refused", "int8", target="openvino", int8_recipe="full", calibration=bad)
+        assert not (tmp_path / "refused").exists()
+    r = run_cli("export", "--from-bundle", str(tiny_bundle), "--target", "openvino", "--precision", "int8",
+                "--calibration", str(bad), "--out", str(tmp_path / "refused"))
+    last = r.stderr.strip().splitlines()[-1]                      # (after the progress lines: one error line)
+    assert r.returncode == 2 and last.startswith(f"error: {bad}: ") and "Traceback" not in r.stderr, r.stderr
+    np.save(tmp_path / "v100.npy", np.zeros((3, 100), np.float32))
+    with pytest.raises(InputError, match="v100.npy: trials of 100 voxels; the bundle's subjects take subj01 256"):
+        derived(tiny_bundle, tmp_path / "refused", "int8", target="openvino", calibration_voxels=tmp_path / "v100.npy")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_an_ir_that_is_off_its_onnx_graph_fails_the_export(tiny_bundle, tmp_path, monkeypatch):
+    """The fp32 IR is checked against the fp32 ONNX graph like any export: OpenVINO misreading a graph (played by
+    the VAE's largest weight scaled on its way to the IR) fails the export and leaves no bundle."""
+    import openvino
+
+    from nsdedge.errors import ParityError
+
+    real = openvino.save_model
+
+    def misread(model, path, **kw):
+        if str(path).endswith("vae_decoder.xml"):
+            weights = [op for op in model.get_ops() if op.get_type_name() == "Constant" and
+                       op.get_element_type() == openvino.Type.f32]
+            w = max(weights, key=lambda op: int(np.prod(op.get_output_shape(0))))
+            w.output(0).replace(openvino.op.Constant(w.get_data() * 1.5).output(0))
+        return real(model, path, **kw)
+
+    monkeypatch.setattr(openvino, "save_model", misread)
+    with pytest.raises(ParityError, match="vae_decoder: the OpenVINO IR is off the fp32 ONNX graph"):
+        derived(tiny_bundle, tmp_path / "ov", "fp32", target="openvino")
+    assert not (tmp_path / "ov").exists()
+    monkeypatch.setattr(openvino, "save_model", real)
+    assert read_manifest(derived(tiny_bundle, tmp_path / "ov", "fp32", target="openvino")).components[
+        "vae_decoder"].parity["fp32_vs_fp32"] < 1e-4
+
+
 @pytest.mark.slow           # (a second NNCF calibration: kept out of the default run for its time)
 def test_hybrid_int8_recipe_from_recorded_calibration(tiny_bundle, tmp_path):
     """hybrid (optimum-intel's): int8-weight MatMuls, the rest quantized from the same calibration."""
@@ -179,6 +251,23 @@ def test_a_graph_openvino_cannot_read_is_one_provider_error(tmp_path):
     (tmp_path / "unet.xml").write_text("<net name='broken'><layers><layer id='0' type='Nonsense'/></layers></net>")
     with pytest.raises(ProviderError, match="unet.xml: OpenVINO could not read") as e:
         OvSession(tmp_path / "unet.xml")
+    assert "\n" not in str(e.value)
+
+
+def test_a_graph_that_fails_while_it_runs_is_one_provider_error(ov_bundles, monkeypatch):
+    """OpenVINO's errors at inference (e.g. memory) are one ProviderError line naming the graph, as at read and
+    compile."""
+    from nsdedge.runtime.ov_session import OvSession
+
+    s = OvSession(ov_bundles["ov-fp32"] / "vae_decoder.xml")
+
+    class Failing:                                  # a request whose inference fails as OpenVINO's do
+        def infer(self, feeds):
+            raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:223:\nstd::bad_alloc\n")
+
+    monkeypatch.setattr(s, "_request", lambda shapes: Failing())
+    with pytest.raises(ProviderError, match=r"vae_decoder.xml: OpenVINO could not run it \(Exception from") as e:
+        s.run({"latent": np.zeros((1, 4, 8, 8), np.float32)})
     assert "\n" not in str(e.value)
 
 

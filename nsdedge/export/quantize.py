@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import NsdedgeError
-from .onnx_export import EXTERNAL_DATA_BYTES, save_onnx
+from ..errors import InputError, NsdedgeError, ParityError
+from .onnx_export import EXTERNAL_DATA_BYTES, FP32_REL_L2, save_onnx
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,7 @@ def calibration_records(folder: Path, calibration_voxels: Path | None, calibrati
 
     if calibration is not None:
         data = load_calibration(calibration)
+        check_records(calibration, Reconstructor(folder, "cpu", verify=False).manifest, data)
     elif calibration_voxels is not None:
         rec = Reconstructor(folder, "cpu", verify=False)
         x = load_voxels(calibration_voxels)
@@ -337,6 +338,50 @@ def calibration_records(folder: Path, calibration_voxels: Path | None, calibrati
             for comp, arrays in data.items()}
 
 
+def check_records(path: Path, manifest, data: dict[str, dict[str, np.ndarray]]) -> None:
+    """A recorded calibration file must feed the bundle's graphs: for each graph it holds calls of, every input of
+    the graph and nothing else, the same number of calls for each, the graph's rank and fixed dimensions, finite
+    floats. Anything else is a one-line InputError naming the file (not a traceback from the quantizer)."""
+    from ..calibration.record import CALLS
+
+    for comp, arrays in data.items():
+        if comp not in manifest.components:
+            continue                                  # calls of a graph this bundle does not have: not used
+        inputs = {i["name"]: i for i in manifest.components[comp].inputs}
+        names = [n for n in arrays if not n.endswith(CALLS) and n != "noise_pred"]
+        if set(names) != set(inputs):
+            missing, extra = sorted(set(inputs) - set(names)), sorted(set(names) - set(inputs))
+            raise InputError(f"{path}: the {comp} calls " + (f"lack {', '.join(missing)}" if missing else
+                             f"hold {', '.join(extra)}, not inputs of the graph") + f" (it takes {', '.join(inputs)})")
+        counts = {n: len(arrays.get(n + CALLS, arrays[n])) for n in names}
+        if len(set(counts.values())) != 1:
+            raise InputError(f"{path}: the {comp} inputs hold different numbers of calls "
+                             f"({', '.join(f'{n} {c}' for n, c in counts.items())})")
+        for n, spec in inputs.items():
+            a, want = arrays[n], spec["shape"]
+            if a.ndim != len(want) + 1 or any(isinstance(w, int) and w != g for w, g in zip(want, a.shape[1:])):
+                raise InputError(f"{path}: {comp}/{n} calls are {tuple(a.shape[1:])}; the graph takes "
+                                 f"({', '.join(str(w) for w in want)})")
+            if a.dtype.kind != "f" or not np.isfinite(a).all():
+                raise InputError(f"{path}: {comp}/{n} is not finite floating point ({a.dtype})")
+
+
+def check_calibration_voxels(path: Path | None, manifest) -> int | None:
+    """--calibration-voxels must hold trials of at least one of the bundle's subjects (its voxel count), else a
+    one-line InputError before any conversion (not a late "nothing recorded", nor a silent stand-in). Returns the
+    file's voxel count (its first row read only)."""
+    if path is None:
+        return None
+    from ..voxels import load_voxels
+
+    v = load_voxels(path, rows=slice(0, 1)).shape[1]
+    sizes = {s: int(manifest.components[c].extra["voxels"]) for s, c in manifest.subjects.items()}
+    if v not in sizes.values():
+        raise InputError(f"{path}: trials of {v} voxels; the bundle's subjects take "
+                         f"{', '.join(f'{s} {n}' for s, n in sizes.items())}")
+    return v
+
+
 def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path | None = None,
                     steps: int = 10, guidance: float = 7.5, int8_ops: tuple[str, ...] = INT8_OPS,
                     target: str = "onnx", calibration: Path | None = None, progress=lambda s: None,
@@ -353,8 +398,14 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
     run = manifest.extra.get("run_defaults", {})          # a few-step bundle is measured as it runs
     steps, guidance = int(run.get("steps", steps)), float(run.get("guidance", guidance))
     writer.write_manifest(manifest)
+    calibration_size = check_calibration_voxels(calibration_voxels, manifest)
     trials = fidelity_voxels(manifest, calibration_voxels)
     first = next(iter(trials))
+    held_out = calibration_size == trials[first].shape[1]       # the report's trials are the file's, not stand-ins
+
+    static = precision == "int8" and (target == "tensorrt" or (target == "openvino" and int8_recipe != "weights"))
+    records = (calibration_records(folder, calibration_voxels, calibration, len(trials[first]), steps, guidance,
+                                   progress) if static else {})        # (a bad file is refused before the rest)
 
     # --target cuda: its graphs run on CUDA alone, so the fp32 reference runs there too (and the conversion was
     # refused before any work where CUDA does not start)
@@ -377,9 +428,6 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         feeds = calls(recorded.get(component, {}))
         return feeds if component != "unet" else [feeds[i] for i in sorted({0, len(feeds) // 2, len(feeds) - 1})]
 
-    static = precision == "int8" and (target == "tensorrt" or (target == "openvino" and int8_recipe != "weights"))
-    records = (calibration_records(folder, calibration_voxels, calibration, len(trials[first]), steps, guidance,
-                                   progress) if static else {})
     component_errors = {}
     for name, comp in list(manifest.components.items()):
         progress(f"{precision}{' (static QDQ)' if static else ''}: {name}")
@@ -404,6 +452,9 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         if comp_compute:
             comp.extra["compute"] = comp_compute
         comp.parity = {**comp.parity, f"{precision}_vs_fp32": component_errors[name]}
+        if target == "openvino" and got == "fp32" and component_errors[name] > FP32_REL_L2:
+            raise ParityError(f"{name}: the OpenVINO IR is off the fp32 ONNX graph by relative L2 "
+                              f"{component_errors[name]:.3g} > {FP32_REL_L2:g} (OpenVINO misread the graph)")
     writer.write_manifest(manifest)
 
     progress(f"fidelity: {precision} reconstructions{' (OpenVINO)' if target == 'openvino' else ''}"
@@ -436,7 +487,7 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
         if precision == "int8" else None,
         "int8_recipe": int8_recipe if precision == "int8" and target == "openvino" else None,
         "calibration_calls": {k: len(v) for k, v in records.items()} if static else None,
-        "inputs": "calibration (held-out)" if calibration_voxels else "standard-normal voxels",
+        "inputs": "calibration (held-out)" if held_out else "standard-normal voxels",
         "component_rel_l2": component_errors,
         "tokens_rel_l2": {s: float(np.linalg.norm(q_t - ref_tokens[s]) / np.linalg.norm(ref_tokens[s]))
                           for s, q_t in [(s, Reconstructor(folder, provider, verify=False).decode(x, s))

@@ -68,8 +68,8 @@ def check_precision(precision: str, compute: str | None = None) -> str:
 
 
 def _loaded(make, path: Path, what: str):
-    """`make()`, with OpenVINO's errors (an op it cannot read, memory at compile) as one ProviderError line. The
-    ov.Model read inside `make` is dropped when it returns: the compiled model holds what it needs."""
+    """`make()`, with OpenVINO's errors (an op it cannot read, memory at compile or run) as one ProviderError line.
+    The ov.Model read inside `make` is dropped when it returns: the compiled model holds what it needs."""
     try:
         return make()
     except RuntimeError as e:                   # OpenVINO raises RuntimeError with a multi-line report
@@ -193,7 +193,7 @@ class OvSession:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = {k: np.ascontiguousarray(v, self._types[k]) for k, v in {**self._bound, **feeds}.items()}
         request = self._last = self._request({k: v.shape for k, v in arrays.items()})
-        out = request.infer(arrays)
+        out = _loaded(lambda: request.infer(arrays), self.path, "run it")
         return {k.get_any_name(): np.array(v, np.float32) for k, v in out.items()}   # a copy: the request reuses them
 
     def input_dtype(self, name: str) -> np.dtype:
