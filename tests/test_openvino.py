@@ -199,7 +199,11 @@ def test_bad_calibration_data_is_refused_before_any_conversion(tiny_bundle, tmp_
     np.save(tmp_path / "v100.npy", np.zeros((3, 100), np.float32))
     with pytest.raises(InputError, match="v100.npy: trials of 100 voxels; the bundle's subjects take subj01 256"):
         derived(tiny_bundle, tmp_path / "refused", "int8", target="openvino", calibration_voxels=tmp_path / "v100.npy")
-    assert not (tmp_path / "refused").exists()
+    r = run_cli("export", "--preset", "tiny", "--target", "openvino", "--precision", "int8", "--calibration-voxels",
+                str(tmp_path / "v100.npy"), "--out", str(tmp_path / "refused"))     # before minutes of tracing
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'v100.npy'}: trials of 100 voxels; the bundle's subjects take synth01 256"), r.stderr
+    assert "parity check" not in r.stderr and not (tmp_path / "refused").exists()
 
 
 def test_an_ir_that_is_off_its_onnx_graph_fails_the_export(tiny_bundle, tmp_path, monkeypatch):

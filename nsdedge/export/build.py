@@ -114,6 +114,9 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
     """Export every component of `src` into a new bundle at `out`; each graph is verified against torch.
     For fp16 / int8, `src`'s torch modules are released once the graphs are written (peak memory)."""
     check_options(precision, target, opset, int8_recipe, calibration_voxels, calibration, int8_ops, compute)
+    from .quantize import check_calibration_voxels
+
+    check_calibration_voxels(calibration_voxels, {d.subject: d.voxels for d in src.decoders})   # before the tracing
     int8_recipe = pick_recipe(int8_recipe, calibration_voxels is not None or calibration is not None)
     resolution = resolution or src.resolution or src.unet.config.sample_size * src.vae_scale_factor
     f, m = src.vae_scale_factor, src.unet_multiple

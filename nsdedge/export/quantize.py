@@ -366,16 +366,15 @@ def check_records(path: Path, manifest, data: dict[str, dict[str, np.ndarray]]) 
                 raise InputError(f"{path}: {comp}/{n} is not finite floating point ({a.dtype})")
 
 
-def check_calibration_voxels(path: Path | None, manifest) -> int | None:
-    """--calibration-voxels must hold trials of at least one of the bundle's subjects (its voxel count), else a
-    one-line InputError before any conversion (not a late "nothing recorded", nor a silent stand-in). Returns the
-    file's voxel count (its first row read only)."""
+def check_calibration_voxels(path: Path | None, sizes: dict[str, int]) -> int | None:
+    """--calibration-voxels must hold trials of at least one subject's voxel count (`sizes`: subject -> voxels), else
+    a one-line InputError before any tracing or conversion (not a late "nothing recorded", nor a silent stand-in).
+    Returns the file's voxel count (its first row read only)."""
     if path is None:
         return None
     from ..voxels import load_voxels
 
     v = load_voxels(path, rows=slice(0, 1)).shape[1]
-    sizes = {s: int(manifest.components[c].extra["voxels"]) for s, c in manifest.subjects.items()}
     if v not in sizes.values():
         raise InputError(f"{path}: trials of {v} voxels; the bundle's subjects take "
                          f"{', '.join(f'{s} {n}' for s, n in sizes.items())}")
@@ -398,7 +397,8 @@ def quantize_bundle(writer, manifest, precision: str, calibration_voxels: Path |
     run = manifest.extra.get("run_defaults", {})          # a few-step bundle is measured as it runs
     steps, guidance = int(run.get("steps", steps)), float(run.get("guidance", guidance))
     writer.write_manifest(manifest)
-    calibration_size = check_calibration_voxels(calibration_voxels, manifest)
+    calibration_size = check_calibration_voxels(calibration_voxels, {
+        s: int(manifest.components[c].extra["voxels"]) for s, c in manifest.subjects.items()})
     trials = fidelity_voxels(manifest, calibration_voxels)
     first = next(iter(trials))
     held_out = calibration_size == trials[first].shape[1]       # the report's trials are the file's, not stand-ins
