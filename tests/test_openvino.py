@@ -260,7 +260,7 @@ def test_a_graph_openvino_cannot_read_is_one_provider_error(tmp_path):
 
 def test_a_graph_that_fails_while_it_runs_is_one_provider_error(ov_bundles, monkeypatch):
     """OpenVINO's errors at inference (e.g. memory) are one ProviderError line naming the graph, as at read and
-    compile."""
+    compile; inputs left out or not the graph's are refused, not filled from the previous call."""
     from nsdedge.runtime.ov_session import OvSession
 
     s = OvSession(ov_bundles["ov-fp32"] / "vae_decoder.xml")
@@ -269,6 +269,9 @@ def test_a_graph_that_fails_while_it_runs_is_one_provider_error(ov_bundles, monk
         def infer(self, feeds):
             raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:223:\nstd::bad_alloc\n")
 
+    for feeds in ({}, {"latent": np.zeros((1, 4, 8, 8), np.float32), "mask": np.zeros(3, np.float32)}):
+        with pytest.raises(ProviderError, match="vae_decoder.xml takes latent; given "):   # not the last call's input
+            s.run(feeds)
     monkeypatch.setattr(s, "_request", lambda shapes: Failing())
     with pytest.raises(ProviderError, match=r"vae_decoder.xml: OpenVINO could not run it \(Exception from") as e:
         s.run({"latent": np.zeros((1, 4, 8, 8), np.float32)})

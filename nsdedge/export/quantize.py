@@ -311,13 +311,14 @@ def calibration_records(folder: Path, calibration_voxels: Path | None, calibrati
                         held_out: int, steps: int, guidance: float, progress=lambda s: None) -> dict:
     """{component: [feeds, ...]} for static int8: a recorded file (`nsdedge calibrate`), or a fresh recording
     of the fp32 bundle in `folder` over the calibration trials that are not held out for the fidelity report."""
+    from ..bundle import read_manifest
     from ..calibration import calls, load_calibration, record_calibration
     from ..runtime import Reconstructor
     from ..voxels import load_voxels
 
     if calibration is not None:
         data = load_calibration(calibration)
-        check_records(calibration, Reconstructor(folder, "cpu", verify=False).manifest, data)
+        check_records(calibration, read_manifest(folder, verify=False), data)
     elif calibration_voxels is not None:
         rec = Reconstructor(folder, "cpu", verify=False)
         x = load_voxels(calibration_voxels)

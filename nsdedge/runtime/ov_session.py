@@ -191,7 +191,10 @@ class OvSession:
             self._bound = {}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = {k: np.ascontiguousarray(v, self._types[k]) for k, v in {**self._bound, **feeds}.items()}
+        given = {**self._bound, **feeds}
+        if set(given) != set(self._types):           # (an input left out would silently reuse the last call's)
+            raise ProviderError(f"{self.path.name} takes {', '.join(self._types)}; given {', '.join(given) or 'none'}")
+        arrays = {k: np.ascontiguousarray(v, self._types[k]) for k, v in given.items()}
         request = self._last = self._request({k: v.shape for k, v in arrays.items()})
         out = _loaded(lambda: request.infer(arrays), self.path, "run it")
         return {k.get_any_name(): np.array(v, np.float32) for k, v in out.items()}   # a copy: the request reuses them
