@@ -164,7 +164,7 @@ def _bench(bundle: str | Path, *, steps: int | None = None, guidance: float | No
     t0 = time.perf_counter()
     rec = Reconstructor(bundle, provider=provider, low_memory=low_memory)
     m = rec.manifest
-    cfg = rec.settings(steps=steps, guidance=guidance)
+    cfg = rec.checked_settings(steps=steps, guidance=guidance)
     steps, guidance = cfg["steps"], cfg["guidance"]
     e2e_runs = e2e_runs or (5 if m.extra.get("run_defaults") else 1)
     subject = next(iter(rec.subjects))

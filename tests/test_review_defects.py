@@ -65,11 +65,12 @@ def test_force_replaces_a_bundle(tmp_path, tiny_bundle):
 
 
 # 2. run validates every setting before writing anything; voxels are read before the bundle -------------------
-@pytest.mark.parametrize("flag,value", [("--ip-scale", "nan"), ("--guidance", "inf"), ("--seed", "-1")])
+@pytest.mark.parametrize("flag,value", [("--ip-scale", "nan"), ("--guidance", "inf"), ("--seed", "-1"),
+                                        ("--steps", "1000")])
 def test_bad_settings_leave_nothing_behind(tiny_bundle, trial, tmp_path, flag, value):
     out = tmp_path / "out"
-    r = run_cli("run", "--voxels", str(trial), "--bundle", str(tiny_bundle), "--steps", "2", flag, value,
-                "--out", str(out))
+    r = run_cli("run", "--voxels", str(trial), "--bundle", str(tiny_bundle), *(["--steps", "2"] * (flag != "--steps")),
+                flag, value, "--out", str(out))
     _one_line_error(r)
     assert not out.exists()
     r = run_cli("run", "--voxels", str(trial), "--bundle", str(tiny_bundle), "--steps", "2", "--out", str(out))

@@ -111,6 +111,30 @@ def test_subject_and_input_errors(rec):
         rec.generate(np.zeros((1, 16, 768), np.float32), scheduler="pndm")
 
 
+def test_generate_checks_everything_before_the_first_step(rec):
+    calls = []
+    rec.observer = lambda component, feeds, out: calls.append(component)
+    tokens = np.zeros((1, 16, 768), np.float32)
+    bad_latents = np.zeros((1, *rec.initial_latents(1, 0).shape[1:]), np.float32)
+    bad_latents[0, 0, 0, 0] = np.nan
+    try:
+        for kw, msg in [({"steps": 1000}, "cannot take 1000 steps"), ({"steps": 2.5}, "whole number"),
+                        ({"guidance": "7"}, "guidance must be a finite number"),
+                        ({"ip_scale": float("nan")}, "ip scale must be a finite number"),
+                        ({"vae": "tiny"}, "vae 'tiny': the bundle has full"),
+                        ({"latents": bad_latents}, "latents hold NaN"),
+                        ({"latents": bad_latents.astype(np.complex64)}, "latents must be real numbers")]:
+            with pytest.raises(InputError, match=msg):
+                rec.generate(tokens, **kw)
+        with pytest.raises(InputError, match="tokens hold NaN"):
+            rec.generate(np.full((1, 16, 768), np.inf, np.float32))
+        with pytest.raises(InputError, match="N >= 1"):
+            rec.generate(tokens[:0])
+        assert calls == []                        # not one UNet step ran
+    finally:
+        rec.observer = None
+
+
 def test_providers():
     assert "cpu" in available()
     assert resolve("auto") in available()

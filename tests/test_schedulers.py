@@ -47,6 +47,17 @@ def test_bad_arguments():
         make_scheduler("pndm", SD15_SCHEDULER_CONFIG, 10)
     with pytest.raises(ValueError, match="steps"):
         make_scheduler("ddim", SD15_SCHEDULER_CONFIG, 0)
+    for steps in (2.5, True, "4"):
+        with pytest.raises(ValueError, match="whole number"):
+            make_scheduler("ddim", SD15_SCHEDULER_CONFIG, steps)
+
+
+@pytest.mark.parametrize("name,most", [("ddim", 999), ("dpm", 999), ("ddim-trailing", 1000)])
+def test_more_steps_than_the_model_has_timesteps_are_refused(name, most):
+    # SD 1.5's ddim with steps_offset 1 would index timestep 1000 at 1000 steps; dpm's would repeat (NaN)
+    assert len(make_scheduler(name, SD15_SCHEDULER_CONFIG, most).timesteps) == most
+    with pytest.raises(ValueError, match=rf"cannot take {most + 1} steps .*\(at most {most}\)"):
+        make_scheduler(name, SD15_SCHEDULER_CONFIG, most + 1)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])

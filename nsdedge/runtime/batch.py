@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
@@ -29,7 +28,7 @@ from .. import __version__
 from ..bundle import atomic_writer, check_writable, create_once, json_text, sha256_file
 from ..errors import InputError, NsdedgeError
 from ..voxels import load_voxels, validate_voxels
-from .pipeline import VAES, Reconstructor, check_seed
+from .pipeline import VAES, Reconstructor, check_number, check_seed
 from .schedulers import NAMES as SCHEDULERS
 
 log = logging.getLogger(__name__)
@@ -53,27 +52,24 @@ class Settings:
 
     def checked(self, last_row: int = 0) -> "Settings":
         """These settings, normalised, or InputError naming the bad one. Row r uses seed + r."""
-        steps, guidance, ip_scale = self.steps, self.guidance, self.ip_scale
+        steps = self.steps
         if steps is not None:
-            if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= 1000:
-                raise InputError(f"steps must be a whole number from 1 to 1000, got {steps!r}")
+            if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)) or steps < 1:
+                raise InputError(f"steps must be a whole number >= 1, got {steps!r}")
             steps = int(steps)
-        for name in ("guidance", "ip_scale"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.number))
-                                  or not math.isfinite(v)):
-                raise InputError(f"{name.replace('_', ' ')} must be a finite number, got {v!r}")
+        guidance, ip_scale = (None if v is None else check_number(k, v)
+                              for k, v in (("guidance", self.guidance), ("ip scale", self.ip_scale)))
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise InputError(f"unknown scheduler {self.scheduler!r} (choose from {', '.join(SCHEDULERS)})")
         if self.vae is not None and self.vae not in VAES:
             raise InputError(f"unknown vae {self.vae!r} (choose from {', '.join(VAES)})")
         check_seed(self.seed, last_row + 1)
-        return Settings(steps, None if guidance is None else float(guidance),
-                        None if ip_scale is None else float(ip_scale), self.scheduler, int(self.seed), self.vae)
+        return Settings(steps, guidance, ip_scale, self.scheduler, int(self.seed), self.vae)
 
     def resolved(self, rec: Reconstructor) -> "Settings":
-        """Every setting given: the ones left out from the bundle's run defaults."""
-        d = rec.settings(**{k: v for k, v in asdict(self).items() if k != "seed"})
+        """Every setting given: the ones left out from the bundle's run defaults; all checked against the bundle
+        (steps its scheduler can take, a VAE it has)."""
+        d = rec.checked_settings(**{k: v for k, v in asdict(self).items() if k != "seed"})
         return replace(self, **{k: d[k] for k in ("steps", "guidance", "ip_scale", "scheduler", "vae")})
 
 

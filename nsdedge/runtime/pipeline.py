@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -145,6 +146,29 @@ class Reconstructor:
         """`given` (None = not given) over the defaults."""
         return {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
 
+    def checked_settings(self, **given) -> dict:
+        """settings(**given), each checked against this bundle, or InputError naming the bad one: steps its
+        scheduler can take, finite guidance and ip scale, a VAE the bundle has. Nothing runs before this."""
+        cfg = self.settings(**given)
+        for name in ("guidance", "ip_scale"):
+            cfg[name] = check_number(name.replace("_", " "), cfg[name])
+        try:
+            make_scheduler(cfg["scheduler"], self.manifest.scheduler_config, cfg["steps"])
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        cfg["steps"] = int(cfg["steps"])
+        self.vae_component(cfg["vae"])
+        return cfg
+
+    def vae_component(self, vae: str) -> str:
+        """The bundle's graph for `vae` (full | tiny), or InputError saying which the bundle has."""
+        comp = VAES.get(vae)
+        if comp not in self.manifest.components:
+            have = [k for k, c in VAES.items() if c in self.manifest.components]
+            raise InputError(f"vae {vae!r}: the bundle has {' and '.join(have) or 'no'} VAE decoder"
+                             f"{'s' * (len(have) != 1)} (choose from {', '.join(have)})")
+        return comp
+
     # -- generation ---------------------------------------------------------------------------------
     def initial_latents(self, n: int, seed: int) -> np.ndarray:
         """Unit-variance noise (n, 4, h, w); image i from numpy's PCG64 seeded with seed + i."""
@@ -158,22 +182,20 @@ class Reconstructor:
                 ip_scale: float | None = None, scheduler: str | None = None, seed: int = 0,
                 latents: np.ndarray | None = None, callback: StepCallback | None = None) -> np.ndarray:
         """(N, 16, 768) tokens -> (N, 4, h, w) final latents (before the VAE scaling)."""
-        cfg = self.settings(steps=steps, guidance=guidance, ip_scale=ip_scale, scheduler=scheduler)
+        cfg = self.checked_settings(steps=steps, guidance=guidance, ip_scale=ip_scale, scheduler=scheduler)
         steps, guidance, ip_scale, scheduler = cfg["steps"], cfg["guidance"], cfg["ip_scale"], cfg["scheduler"]
-        tokens = np.asarray(tokens, np.float32)
+        tokens = finite_array(tokens, "tokens")
         if tokens.ndim == 2:
             tokens = tokens[None]
-        if tokens.ndim != 3 or tokens.shape[1:] != self.uncond_tokens.shape[1:]:
+        if tokens.ndim != 3 or tokens.shape[1:] != self.uncond_tokens.shape[1:] or not len(tokens):
             raise InputError(f"tokens must have shape (N, {self.uncond_tokens.shape[1]}, "
-                             f"{self.uncond_tokens.shape[2]}), got {tokens.shape}")
+                             f"{self.uncond_tokens.shape[2]}) with N >= 1, got {tokens.shape}")
         n = len(tokens)
-        if not np.isfinite(guidance) or not np.isfinite(ip_scale):
-            raise InputError("guidance and ip scale must be finite numbers")
         check_seed(seed, n)
         if latents is None:
             latents = self.initial_latents(n, seed)
         else:
-            latents = np.asarray(latents, np.float32)
+            latents = finite_array(latents, "latents")
             want = (n, self.manifest.latent_channels, *self.manifest.latent_size)
             if latents.shape != want:
                 raise InputError(f"latents must have shape {want}, got {latents.shape}")
@@ -185,10 +207,7 @@ class Reconstructor:
         return out
 
     def _denoise_one(self, tokens, latent, steps, guidance, ip_scale, scheduler, seed, callback) -> np.ndarray:
-        try:
-            sched = make_scheduler(scheduler, self.manifest.scheduler_config, steps)
-        except ValueError as e:
-            raise InputError(str(e)) from None
+        sched = make_scheduler(scheduler, self.manifest.scheduler_config, steps)     # checked in denoise
         unet = self.session("unet")
         dtype = unet.input_dtype("sample")
         cfg = guidance > 1.0                              # diffusers: guidance <= 1 means no CFG, batch 1
@@ -233,11 +252,7 @@ class Reconstructor:
     def decode_latents(self, latents: np.ndarray, vae: str | None = None) -> np.ndarray:
         """(N, 4, h, w) final latents -> (N, H, W, 3) uint8, one image at a time. `vae`: full | tiny (TAESD)."""
         vae = self.settings(vae=vae)["vae"]
-        comp = VAES.get(vae)
-        if comp not in self.manifest.components:
-            have = [k for k, c in VAES.items() if c in self.manifest.components]
-            raise InputError(f"vae {vae!r}: the bundle has {' and '.join(have) or 'no'} VAE decoder"
-                             f"{'s' * (len(have) != 1)} (choose from {', '.join(have)})")
+        comp = self.vae_component(vae)
         # TAESD decodes UNet-space latents (its scaling factor is 1); the full VAE divides by 0.18215 first
         scaling = float(self.manifest.components[comp].extra.get("scaling_factor", self.manifest.vae_scaling_factor))
         latents = np.asarray(latents, np.float32)
@@ -247,8 +262,10 @@ class Reconstructor:
             img = self._vae(z, comp)                                                 # (1, 3, H, W), about [-1, 1]
             if not np.isfinite(img).all():
                 if comp != VAES["full"] or FP32_VAE not in self.manifest.components:
-                    raise NsdedgeError(f"the {vae} VAE decoder produced NaN/Inf (fp16 overflow) and the bundle has "
-                                       f"no fp32 VAE to fall back on; use an fp32 bundle")
+                    precision = self.manifest.components[comp].precision
+                    raise NsdedgeError(f"image {i}: the {vae} VAE decoder ({precision}) produced NaN/Inf"
+                                       + (" (fp16 overflow) and the bundle has no fp32 VAE to fall back on; use an "
+                                          "fp32 bundle" if precision == "fp16" else ""))
                 log.warning("fp16 VAE overflowed on image %d; decoding it again in fp32", i)
                 img = self._vae(z, FP32_VAE)
             images.append(to_uint8(img)[0])
@@ -269,12 +286,36 @@ class Reconstructor:
                  latents: np.ndarray | None = None, vae: str | None = None,
                  callback: StepCallback | None = None) -> np.ndarray:
         """(N, 16, 768) tokens -> (N, H, W, 3) uint8 images. Settings left out: the bundle's run defaults."""
+        self.vae_component(self.settings(vae=vae)["vae"])             # before the denoising, not after it
         final = self.denoise(tokens, steps=steps, guidance=guidance, ip_scale=ip_scale, scheduler=scheduler,
                              seed=seed, latents=latents, callback=callback)
         return self.decode_latents(final, vae=vae)
 
     def __call__(self, voxels: np.ndarray, subject: str | None = None, **kw) -> np.ndarray:
         return self.generate(self.decode(voxels, subject), **kw)
+
+
+def check_number(name: str, value) -> float:
+    """A finite real number (bool and strings refused), as float, or InputError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def finite_array(x, name: str) -> np.ndarray:
+    """`x` as float32, or InputError if it is not real numbers (bool, complex, object) or holds NaN or Inf."""
+    try:
+        a = np.asarray(x)
+    except ValueError as e:                                           # ragged nested lists
+        raise InputError(f"{name}: not an array ({e})") from None
+    if a.dtype.kind not in "fiu":
+        raise InputError(f"{name} must be real numbers, got dtype {a.dtype}")
+    with np.errstate(over="ignore"):
+        a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise InputError(f"{name} hold NaN or Inf (or values beyond float32)")
+    return a
 
 
 def check_seed(seed: int, n: int = 1) -> int:

@@ -224,10 +224,25 @@ def make_scheduler(name: str, config: dict, steps: int):
     classes = {"ddim": DDIM, "dpm": DPMSolverPP2M, "euler": Euler, "lcm": LCM, "ddim-trailing": DDIM}
     if name not in classes:
         raise ValueError(f"unknown scheduler {name!r} (choose from {', '.join(NAMES)})")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
     if name == "ddim-trailing":
         config = {**config, "timestep_spacing": "trailing"}
     s = classes[name](config)
-    s.set_timesteps(steps)
+    s.set_timesteps(int(steps))
+    if not _distinct_in_range(s):        # too many steps: timesteps repeat or leave the model's training range
+        fits = 1
+        for n in range(min(int(steps) - 1, s.n_train), 1, -1):
+            s.set_timesteps(n)
+            if _distinct_in_range(s):
+                fits = n
+                break
+        raise ValueError(f"{name} cannot take {steps} steps with this model's {s.n_train} training timesteps "
+                         f"(at most {fits})")
     return s
+
+
+def _distinct_in_range(s: _Schedule) -> bool:
+    """Every timestep inside [0, n_train) and each below the one before (none repeated)."""
+    t = np.asarray(s.timesteps, np.float64)
+    return bool(t.size and t.min() >= 0 and t.max() <= s.n_train - 1 and (np.diff(t) < 0).all())
