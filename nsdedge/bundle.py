@@ -19,7 +19,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 from . import __version__
 from .errors import BundleError, InputError
@@ -140,6 +140,44 @@ def check_writable(path: Path) -> None:
         raise InputError(f"{path}: cannot write there ({base} is not a writable directory)")
 
 
+def check_new_file(path: Path, *, inputs: Iterable[Path | None] = (), ours: Callable[[Path], bool] | None = None,
+                   flag: str = "--out") -> Path:
+    """Before any work: InputError unless nsdedge may write the file `path`. It must not be a directory, nor one of
+    the command's `inputs` or inside an input directory (a bundle); its directory must be writable; and a file
+    already there is replaced only if `ours(path)` recognises it as one nsdedge wrote (nsdedge never replaces
+    what it did not write)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; {flag} names a file")
+    check_not_input(path, inputs, flag)
+    check_writable(path)
+    if (path.exists() or path.is_symlink()) and not (path.is_file() and not path.is_symlink() and ours and ours(path)):
+        raise InputError(f"{path}: exists and is not a file nsdedge wrote, so nsdedge will not replace it; move it "
+                         f"away or choose another {flag}")
+    return path
+
+
+def check_not_input(path: Path, inputs: Iterable[Path | None], flag: str = "--out") -> None:
+    """InputError if `path` is one of `inputs` (the same file by any name) or lies inside an input directory."""
+    where = Path(path).resolve()
+    for given in filter(None, inputs):
+        src = Path(given)
+        if not src.exists():
+            continue
+        if (where.exists() and os.path.samefile(where, src)) or (src.is_dir() and where.is_relative_to(src.resolve())):
+            raise InputError(f"{path}: is {'inside ' * src.is_dir()}an input of this command ({given}); "
+                             f"choose another {flag}")
+
+
+def is_nsdedge_json(path: Path) -> bool:
+    """A JSON report nsdedge wrote (bench, eval): an object whose "command" ran nsdedge."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "nsdedge" in str(d.get("command", ""))
+
+
 def is_bundle(path: Path) -> bool:
     """True if `path` is a directory whose manifest says it is an nsdedge bundle (no other check)."""
     try:
@@ -159,12 +197,16 @@ def check_replaceable(out: Path) -> None:
                           f"nsdedge replaces only bundles it wrote: choose another --out")
     try:
         files = json.loads((out / MANIFEST).read_text()).get("files", {})
-        ours = {MANIFEST, ENGINES, *(files if isinstance(files, dict) else {})}
-        others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        files = files if isinstance(files, dict) else {}
+        others = sorted(p.name for p in out.iterdir() if p.name not in {MANIFEST, ENGINES, *files})
+        # a file the manifest names counts as nsdedge's only if it is still the bytes nsdedge wrote
+        others += sorted(name for name, info in files.items() if (out / name).exists() and not (
+            (out / name).is_file() and not (out / name).is_symlink() and isinstance(info, dict)
+            and (out / name).stat().st_size == info.get("size") and sha256_file(out / name) == info.get("sha256")))
     except OSError as e:
         raise BundleError(f"{out}: cannot read the existing bundle ({e.strerror})") from None
     if others:
-        raise BundleError(f"{out} holds files that are not part of the bundle ({', '.join(others[:3])}"
+        raise BundleError(f"{out} holds files that are not the bundle's as nsdedge wrote them ({', '.join(others[:3])}"
                           f"{', ...' if len(others) > 3 else ''}); move them away or choose another --out")
 
 
@@ -258,9 +300,44 @@ class Manifest:
                        negative_prompt=d["negative_prompt"], precision=d["precision"],
                        components={n: Component.from_json(n, c) for n, c in d["components"].items()},
                        source=d.get("source", {}), files=files, nsdedge_version=d.get("nsdedge_version", "?"),
-                       extra={k: v for k, v in d.items() if k not in known})
+                       extra={k: v for k, v in d.items() if k not in known})._checked()
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"bundle manifest is malformed: {type(e).__name__}: {e}") from None
+
+    def _checked(self) -> "Manifest":
+        """The values the runtime computes with, in range (the checksums prove the files, not the manifest)."""
+        def bad(what: str) -> None:
+            raise BundleError(f"bundle manifest is malformed: {what}")
+        if len(self.image_size) != 2 or min(self.image_size) < 1 or self.vae_scale_factor < 1 \
+                or any(side % self.vae_scale_factor for side in self.image_size):
+            bad(f"image_size {list(self.image_size)} must be two positive multiples of vae_scale_factor "
+                f"{self.vae_scale_factor}")
+        if self.latent_channels < 1 or not (math.isfinite(self.vae_scaling_factor) and self.vae_scaling_factor > 0):
+            bad(f"latent_channels {self.latent_channels} and vae_scaling_factor {self.vae_scaling_factor} must be "
+                f"positive")
+        n_train = self.scheduler_config.get("num_train_timesteps", 1000)
+        if type(n_train) is not int or n_train < 2:
+            bad(f"scheduler_config num_train_timesteps {n_train!r} must be a whole number >= 2")
+        for name, c in self.components.items():
+            if not isinstance(c.parity, dict) or not all(isinstance(p, dict) and "name" in p
+                                                         for p in [*c.inputs, *c.outputs]):
+                bad(f"component {name!r}: parity must be an object, inputs and outputs lists of named ports")
+            voxels = c.extra.get("voxels")
+            if "subject" in c.extra and (not isinstance(c.extra["subject"], str) or type(voxels) is not int
+                                         or voxels < 1):
+                bad(f"component {name!r}: a decoder needs a subject name and a whole number of voxels")
+            sample = next((p.get("shape") for p in c.inputs if p["name"] in ("sample", "latent")), None)
+            if isinstance(sample, list) and len(sample) > 1 and isinstance(sample[1], int) \
+                    and sample[1] != self.latent_channels:
+                bad(f"component {name!r} takes {sample[1]} latent channels, latent_channels says "
+                    f"{self.latent_channels}")
+        run = self.extra.get("run_defaults", {})
+        kinds = {"steps": int, "guidance": (int, float), "ip_scale": (int, float), "scheduler": str, "vae": str}
+        if not isinstance(run, dict) or not all(k in kinds and isinstance(v, kinds[k]) and not isinstance(v, bool)
+                                                and (not isinstance(v, float) or math.isfinite(v))
+                                                for k, v in run.items()) or run.get("steps", 1) < 1:
+            bad(f"run_defaults {run!r} must map steps, guidance, ip_scale, scheduler, vae to values of their kind")
+        return self
 
 
 def _file_entry(name: str, entry: Any) -> dict[str, Any]:
@@ -276,7 +353,8 @@ def read_manifest(bundle: Path, verify: bool = True) -> Manifest:
     bundle = Path(bundle)
     path = bundle / MANIFEST
     if not bundle.is_dir():
-        raise BundleError(f"{bundle}: bundle directory does not exist")
+        raise BundleError(f"{bundle}: " + ("is a file, not a bundle directory" if bundle.exists()
+                                            else "bundle directory does not exist"))
     try:
         text = path.read_bytes()
         raw = json.loads(text)
@@ -284,7 +362,10 @@ def read_manifest(bundle: Path, verify: bool = True) -> Manifest:
         raise BundleError(f"{bundle}: no {MANIFEST} (not a bundle, or an export that did not finish)") from None
     except (OSError, ValueError) as e:
         raise BundleError(f"{path}: unreadable manifest: {e}") from None
-    m = Manifest.from_json(raw)
+    try:
+        m = Manifest.from_json(raw)
+    except BundleError as e:
+        raise BundleError(f"{path}: {e}") from None
     m.sha256 = hashlib.sha256(text).hexdigest()
     needed = {CONSTANTS} | {f for c in m.components.values() for f in [c.file, *c.data_files]}
     missing = sorted(needed - set(m.files))

@@ -6,7 +6,6 @@ The library raises NsdedgeError; here it becomes one line on stderr and exit sta
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import InputError, NsdedgeError
+from .errors import BundleError, InputError, NsdedgeError
 from .runtime.schedulers import NAMES as SCHEDULERS
 from .runtime.session import PROVIDER_NAMES
 
@@ -436,7 +435,12 @@ def info(bundle, no_verify):
     """Print a bundle's components, precision, sizes, sources and parity errors."""
     from .bundle import read_manifest
 
-    click.echo(_summary(bundle, read_manifest(bundle, verify=not no_verify)))
+    m = read_manifest(bundle, verify=not no_verify)
+    try:
+        text = _summary(bundle, m)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:   # a described field of another shape
+        raise BundleError(f"{bundle}: manifest field of an unexpected form ({type(e).__name__}: {e})") from None
+    click.echo(text)
 
 
 # -- run --------------------------------------------------------------------------------------------
@@ -460,14 +464,6 @@ def default_bundle() -> Path:
     quiet_libraries()
     export_bundle(build_preset(DEFAULT_PRESET), path, force=True)
     return path
-
-
-def _png_bytes(image) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @cli.command()
@@ -617,8 +613,10 @@ def _run_job(voxels, job_file, bundle, subject, trials, out, provider, backend, 
 def bench(bundle, steps, guidance, runs, warmup, e2e_runs, provider, low_memory, json_out):
     """Latency per stage (median, p90, min), load time, peak RSS and sizes of a bundle."""
     from .bench import bench_bundle, format_table
-    from .bundle import atomic_write_bytes, json_text
+    from .bundle import atomic_write_bytes, check_new_file, is_nsdedge_json, json_text
 
+    if json_out:
+        check_new_file(json_out, inputs=[bundle], ours=is_nsdedge_json, flag="--json")
     _quiet_onnxruntime()
     t0 = time.perf_counter()
     r = bench_bundle(bundle, steps=steps, guidance=guidance, runs=runs, warmup=warmup, e2e_runs=e2e_runs,
@@ -643,11 +641,13 @@ def calibrate(bundle, voxels, subject, steps, guidance, scheduler, out):
     """Record what every graph sees while the fp32 pipeline reconstructs real trials (an .npz)."""
     import numpy as np
 
+    from .bundle import check_new_file
     from .calibration import record_calibration
-    from .calibration.record import CALLS
+    from .calibration.record import CALLS, is_calibration_file
     from .runtime import Reconstructor
     from .voxels import load_voxels
 
+    check_new_file(out, inputs=[bundle, voxels], ours=is_calibration_file)
     rec = Reconstructor(bundle, provider="cpu")
     if rec.manifest.extra.get("target") == "openvino":
         raise InputError(f"{bundle}: calibration records an fp32 ONNX bundle (--target onnx or tensorrt); its file "
@@ -665,17 +665,12 @@ def calibrate(bundle, voxels, subject, steps, guidance, scheduler, out):
 
 # -- fit ------------------------------------------------------------------------------------------------
 def _load_embeddings(path: Path):
-    """Targets (N, 16, 768) from a .npy, memory-mapped; never unpickled."""
-    import numpy as np
+    """Targets (N, 16, 768) from a .npy (memory-mapped) or one-array .npz; never unpickled."""
+    from .voxels import read_array
 
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        arr = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        raise InputError(f"{path}: not a readable numeric .npy file ({str(e).splitlines()[0]})") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
-        raise InputError(f"{path}: embeddings must be a numeric .npy array")
+    arr = read_array(path, what="embeddings")
+    if arr.dtype.kind not in "fiu":
+        raise InputError(f"{path}: embeddings must be a numeric array, got dtype {arr.dtype}")
     return arr
 
 
@@ -707,10 +702,12 @@ def fit(voxels, embeddings, out, subject, alphas, rank, no_rescale, kind, hidden
     """Fit a decoder from voxels to IP-Adapter-Plus tokens: ridge (an alpha per token by leave-one-out) or the MLP."""
     import numpy as np
 
-    from .bundle import check_subject
+    from .bundle import check_new_file, check_subject
+    from .decoders.linear import is_decoder_file
     from .voxels import load_voxels
 
     check_subject(subject)
+    check_new_file(out, inputs=[voxels, embeddings], ours=is_decoder_file)
     if kind == "mlp" and (alphas or rank or no_rescale):
         raise InputError("--alphas, --rank and --no-rescale are ridge options; --kind mlp takes --hidden, --blocks, "
                          "--epochs, ...")
@@ -857,7 +854,8 @@ def fit_federated(subjects, rounds, local_steps, adaptive_layers, hidden, blocks
 @click.option("--batch", "batches", default="1,2", show_default=True,
               help="Batch sizes, one static profile each (2 = guidance, 1 = no guidance).")
 @click.option("--dynamic", is_flag=True, help="One dynamic profile instead (batch and 0.5x-1.5x resolution; ~13% slower).")
-@click.option("--workspace-gb", type=float, default=4.0, show_default=True, help="Builder workspace cap (edge: 1-2).")
+@click.option("--workspace-gb", type=click.FloatRange(0, 1024, min_open=True), default=4.0, show_default=True,
+              help="Builder workspace cap (edge: 1-2).")
 @click.option("--force", is_flag=True, help="Rebuild even when an up-to-date engine is cached.")
 @click.option("--strongly-typed", is_flag=True,
               help="TensorRT 10: precision from the graph's own types, no fp16/int8 flags (TensorRT 11 always is).")
@@ -872,6 +870,8 @@ def build_engines_cmd(bundle, cache, batches, dynamic, workspace_gb, force, stro
         raise InputError(f"--batch {batches!r}: expected comma-separated integers, e.g. 1,2") from None
     if not sizes or min(sizes) < 1:
         raise InputError(f"--batch {batches!r}: batch sizes must be >= 1")
+    if not math.isfinite(workspace_gb):                 # (click's range lets NaN through)
+        raise InputError(f"--workspace-gb must be a number of GB in (0, 1024], got {workspace_gb}")
     m = read_manifest(bundle)
     t0 = time.perf_counter()
     plans = build_engines(bundle, m, cache, sizes, dynamic, int(workspace_gb * (1 << 30)), force,
@@ -958,12 +958,20 @@ def doctor(as_json):
 @click.option("--sheet-count", type=click.IntRange(1, 1000), default=16, show_default=True)
 def eval_(recons, stimuli, reference, preset, weights_dir, pixel_only, json_out, sheet, sheet_count):
     """PixCorr, SSIM and the six feature metrics of reconstructions against stimuli (or another bundle's output)."""
-    from .bundle import atomic_write_bytes, json_text
+    from .bundle import atomic_write_bytes, check_new_file, is_nsdedge_json, json_text
     from .eval.images import ImageSet, contact_sheet, pair_keys
     from .eval.metrics import METRICS, evaluate, format_metrics, missing_weights
+    from .runtime.batch import is_nsdedge_png, png_bytes
 
     if (stimuli is None) == (reference is None):
         raise InputError("give exactly one of --stimuli (the seen images) or --reference (fidelity mode)")
+    inputs = [recons, stimuli, reference, weights_dir]
+    if json_out and sheet and json_out.absolute() == sheet.absolute():
+        raise InputError(f"--json and --sheet name the same file ({json_out})")
+    if json_out:
+        check_new_file(json_out, inputs=inputs, ours=is_nsdedge_json, flag="--json")
+    if sheet:
+        check_new_file(sheet, inputs=inputs, ours=is_nsdedge_png, flag="--sheet")
     try:
         import scipy  # noqa: F401  (SSIM's Gaussian window)
     except ImportError:
@@ -1001,19 +1009,26 @@ def eval_(recons, stimuli, reference, preset, weights_dir, pixel_only, json_out,
     if sheet:
         show = keys[:sheet_count]
         sheet.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(sheet, _png_bytes(contact_sheet(ref.read(show), rset.read(show))))
+        atomic_write_bytes(sheet, png_bytes(contact_sheet(ref.read(show), rset.read(show))))
         click.echo(f"wrote {sheet} ({len(show)} pairs)")
 
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, prog_name="nsdedge")
     except NsdedgeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:     # a bad option or value: one line, as for every other bad input
+        if type(e).__name__ == "NoArgsIsHelpError":       # `nsdedge` alone: the help, as click prints it
+            e.show()
+            sys.exit(e.exit_code)
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+        click.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -23,3 +23,9 @@ class ParityError(NsdedgeError):
 
 class ProviderError(NsdedgeError):
     """An execution provider was asked for but is not available."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a one-line error."""
+    msg = str(e).strip()
+    return (msg.splitlines()[0] if msg else type(e).__name__)[:limit]

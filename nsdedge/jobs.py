@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .errors import InputError, NsdedgeError
+from .errors import InputError, NsdedgeError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def read_job(path: str | Path) -> Job:
     try:
         spec = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable JSON job file ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable JSON job file ({first_line(e)})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("work"), list) or not spec["work"]:
         raise InputError(f"{path}: a job file is an object with a non-empty list \"work\"")
     unknown = set(spec) - {"bundle", "settings", "work", "provider"}
@@ -167,6 +167,7 @@ def check_inputs(job: Job) -> list[tuple]:
 def check(job: Job) -> tuple[list[_Checked], object, object]:
     """Everything checkable before any graph is opened, across all work; writes nothing. Returns the checked work,
     the settings resolved against the bundle's run defaults (batch.Settings) and the bundle's manifest."""
+    from .bundle import check_not_input
     from .runtime.batch import Settings, check_record
     from .runtime.pipeline import Reconstructor
 
@@ -183,6 +184,7 @@ def check(job: Job) -> tuple[list[_Checked], object, object]:
             raise InputError(f"{w.voxels}: {voxels} voxels per trial, the decoder of {subject} expects "
                              f"{rec.subjects[subject]}")
         out = Path(w.out)
+        check_not_input(out, [job.bundle])
         targets = [out / f"{r:04d}.png" for r in tr.rows]
         if out.is_dir():             # an earlier run there: the same bundle, subject, voxels, settings (the provider
             key = {"bundle_manifest_sha256": rec.manifest.sha256, "subject": subject,    # is checked where it runs)

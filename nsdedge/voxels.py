@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 
 def load_voxels(path: str | Path, expected_voxels: int | None = None, key: str | None = None,
@@ -18,47 +18,7 @@ def load_voxels(path: str | Path, expected_voxels: int | None = None, key: str |
     (all by default) are read and converted, so Brain-Diffuser's float64 (8859, V) file costs a float32 copy
     of the rows asked for, not a float64 copy of the whole file.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a .npy or .npz voxel file")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    if magic[:1] == b"\x80":
-        raise InputError(f"{path}: holds a pickled or object array, which nsdedge never unpickles; "
-                         f"save a numeric array with np.save")
-    if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":
-        raise InputError(f"{path}: not a readable .npy/.npz file (no numpy or zip header)")
-    try:
-        loaded = np.load(path, allow_pickle=False, mmap_mode="r")
-    except ValueError as e:
-        if "pickle" in str(e).lower() or "object" in str(e).lower():
-            raise InputError(f"{path}: holds a pickled or object array, which nsdedge never unpickles; "
-                             f"save a numeric array with np.save") from None
-        raise InputError(f"{path}: not a readable numpy array file ({e})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise InputError(f"{path}: not a readable .npy/.npz file ({type(e).__name__}: {e})") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            names = list(loaded.files)
-            if key is None:
-                if len(names) != 1:
-                    raise InputError(f"{path}: .npz holds {len(names)} arrays ({', '.join(names) or 'none'}); "
-                                     f"it must hold exactly one")
-                key = names[0]
-            elif key not in names:
-                raise InputError(f"{path}: .npz has no array {key!r} (has {', '.join(names)})")
-            try:
-                arr = loaded[key]
-            except ValueError:
-                raise InputError(f"{path}: array {key!r} is a pickled or object array, which nsdedge never "
-                                 f"unpickles") from None
-    else:
-        arr = loaded
+    arr = read_array(path, key, "voxel")
     if rows is not None and arr.ndim in (1, 2):
         if arr.ndim == 1:
             arr = arr[None, :]                  # one trial is row 0: a selection that misses it selects nothing
@@ -69,6 +29,48 @@ def load_voxels(path: str | Path, expected_voxels: int | None = None, key: str |
             raise InputError(f"{path}: trials {rows.start or 0}:{stop} select nothing (the file holds {total} "
                              f"trial{'s' * (total != 1)}, rows 0 to {total - 1})")
     return validate_voxels(arr, str(path), expected_voxels)
+
+
+def read_array(path: str | Path, key: str | None = None, what: str = "voxel") -> np.ndarray:
+    """The array of an .npy (memory-mapped) or an .npz (exactly one array, or the one named `key`), numeric or
+    not, or InputError naming the file: missing, a directory, unreadable, pickled or object, corrupt.
+    `what` names the kind of file in messages."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a .npy or .npz {what} file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    pickled = (f"{path}: holds a pickled or object array, which nsdedge never unpickles; "
+               f"save a numeric array with np.save")
+    if magic[:1] == b"\x80":
+        raise InputError(pickled)
+    if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":
+        raise InputError(f"{path}: not a readable .npy/.npz file (no numpy or zip header)")
+    try:
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r")
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            return loaded
+        with loaded:
+            names = list(loaded.files)
+            if key is None:
+                if len(names) != 1:
+                    raise InputError(f"{path}: .npz holds {len(names)} arrays ({', '.join(names) or 'none'}); "
+                                     f"it must hold exactly one")
+                key = names[0]
+            elif key not in names:
+                raise InputError(f"{path}: .npz has no array {key!r} (has {', '.join(names)})")
+            return loaded[key]
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise InputError(pickled) from None
+        raise InputError(f"{path}: not a readable numpy array file ({first_line(e)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:       # truncated, or an .npz whose data fails its CRC
+        raise InputError(f"{path}: not a readable .npy/.npz file ({type(e).__name__}: {first_line(e)})") from None
 
 
 def validate_voxels(arr: np.ndarray, name: str, expected_voxels: int | None = None) -> np.ndarray:
@@ -83,7 +85,8 @@ def validate_voxels(arr: np.ndarray, name: str, expected_voxels: int | None = No
         raise InputError(f"{name}: voxel array is empty (shape {arr.shape})")
     if expected_voxels is not None and arr.shape[1] != expected_voxels:
         raise InputError(f"{name}: {arr.shape[1]} voxels per trial, the subject's decoder expects {expected_voxels}")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):                  # float64 beyond float32's range becomes Inf: refused below
+        out = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).any(axis=1).sum())
         raise InputError(f"{name}: {bad} trial(s) contain NaN or Inf")

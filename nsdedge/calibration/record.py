@@ -114,12 +114,12 @@ def record_calibration(rec, voxels: np.ndarray, subject: str | None = None, *, s
 
 
 def _open(path: str | Path):
-    from ..errors import InputError
+    from ..errors import InputError, first_line
 
     try:
         f = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise InputError(f"{path}: not a readable calibration .npz ({str(e).splitlines()[0][:120]}); nsdedge never "
+        raise InputError(f"{path}: not a readable calibration .npz ({first_line(e, 120)}); nsdedge never "
                          f"unpickles") from None
     if not isinstance(f, np.lib.npyio.NpzFile):
         raise InputError(f"{path}: not a calibration file (an .npz written by `nsdedge calibrate`)")
@@ -132,6 +132,17 @@ def _open(path: str | Path):
 def check_calibration(path: str | Path) -> None:
     """Raise InputError unless `path` is a calibration file; reads the names only, not the arrays."""
     _open(path).close()
+
+
+def is_calibration_file(path: str | Path) -> bool:
+    """A calibration file `nsdedge calibrate` wrote (what check_calibration accepts)."""
+    from ..errors import InputError
+
+    try:
+        check_calibration(path)
+        return True
+    except InputError:
+        return False
 
 
 def load_calibration(path: str | Path) -> dict[str, dict[str, np.ndarray]]:

@@ -35,10 +35,10 @@ _DATA: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}     # per worke
 
 def _data(voxels: str, embeddings: str) -> tuple[np.ndarray, np.ndarray]:
     if (voxels, embeddings) not in _DATA:
-        from ..voxels import load_voxels
+        from ..voxels import load_voxels, read_array
 
         x = load_voxels(voxels)
-        y = np.load(embeddings, allow_pickle=False, mmap_mode="r")
+        y = read_array(embeddings, what="embeddings")
         if len(y) != len(x):
             raise InputError(f"{embeddings}: {len(y)} rows, {voxels} has {len(x)}")
         _DATA[(voxels, embeddings)] = (x, np.asarray(y, np.float32))

@@ -12,13 +12,12 @@ On disk: a safetensors file of these arrays with string metadata (format, kind, 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..bundle import atomic_writer
 from ..errors import WeightsError
 
 DECODER_FORMAT = "nsdedge-decoder"
@@ -87,8 +86,6 @@ class LinearDecoder:
         return [m.astype(np.float32) for m in mats], c.astype(np.float32)
 
     def save(self, path: str | Path) -> None:
-        from safetensors.numpy import save_file
-
         arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in
                   [("x_mean", self.x_mean), ("x_std", self.x_std), ("bias", self.bias), ("weight", self.weight),
                    ("u", self.u), ("vt", self.vt), ("pred_mean", self.pred_mean), ("pred_std", self.pred_std),
@@ -96,15 +93,10 @@ class LinearDecoder:
         meta = {"format": DECODER_FORMAT, "kind": "ridge", "subject": self.subject, "voxels": str(self.voxels),
                 "tokens": str(self.tokens), "width": str(self.width), "rank": str(self.rank or 0),
                 "extra": json.dumps(self.meta)}
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        os.close(fd)
-        try:
-            save_file(arrays, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        from safetensors.numpy import save
+
+        with atomic_writer(Path(path)) as f:                  # follows the umask, like every file nsdedge writes
+            f.write(save(arrays, metadata=meta))
 
 
 def read_safetensors(path: Path, framework: str = "numpy", tensors: bool = True) -> tuple[dict, dict]:
@@ -118,6 +110,14 @@ def read_safetensors(path: Path, framework: str = "numpy", tensors: bool = True)
             return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable safetensors decoder ({e})") from None
+
+
+def is_decoder_file(path: Path) -> bool:
+    """A decoder file nsdedge wrote (`fit`, `fit-federated`): safetensors with nsdedge's format in its metadata."""
+    try:
+        return read_safetensors(Path(path), tensors=False)[0].get("format") == DECODER_FORMAT
+    except WeightsError:
+        return False
 
 
 def read_decoder(path: str | Path) -> LinearDecoder:

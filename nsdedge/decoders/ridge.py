@@ -48,6 +48,8 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, *, subject: str = "subj01", alphas=D
         raise InputError(f"embeddings must be (N, {TOKENS}, {WIDTH}), got {y.shape[1]} values per trial")
     if n < 3:
         raise InputError(f"need at least 3 training trials, got {n}")
+    if rank is not None and not 1 <= rank <= min(n, v):
+        raise InputError(f"--rank must be between 1 and {min(n, v)}, got {rank}")
     alphas = sorted(float(a) for a in alphas)
     if not alphas or min(alphas) <= 0:
         raise InputError(f"alphas must be positive, got {alphas}")
@@ -95,8 +97,6 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, *, subject: str = "subj01", alphas=D
         dec.pred_mean, dec.pred_std = p.mean(axis=0), np.maximum(p.std(axis=0), 1e-8)
         dec.target_mean, dec.target_std = y_mean, y.std(axis=0)
     if rank is not None:
-        if not 1 <= rank <= min(n, v):
-            raise InputError(f"--rank must be between 1 and {min(n, v)}, got {rank}")
         progress(f"reduced rank {rank}")
         fitted = z @ weight                                         # (N, D)
         ev, evec = np.linalg.eigh(fitted @ fitted.T)                # right singular vectors via the N x N Gram

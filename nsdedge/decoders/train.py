@@ -101,8 +101,8 @@ def train_mlp(x: np.ndarray, y: np.ndarray, cfg: MLPConfig, *, epochs: int = 50,
               progress: Callable[[int, float, float], None] | None = None) -> tuple[BrainGuardMLP, TrainReport]:
     """Fit an MLP decoder on (N, V) voxels and (N, 16, 768) tokens; the model comes back in eval mode on the CPU.
     `progress(epoch, train loss, validation loss)` after every epoch."""
-    x = np.asarray(x, np.float32)
-    y = np.asarray(y, np.float32).reshape(len(y), cfg.tokens, cfg.width)
+    x = np.array(x, np.float32)                     # own, writable copies (the data may be memory-mapped)
+    y = np.array(y, np.float32).reshape(len(y), cfg.tokens, cfg.width)
     if x.ndim != 2 or x.shape[1] != cfg.voxels or len(x) != len(y):
         raise InputError(f"voxels {x.shape} and tokens {y.shape} do not match a {cfg.voxels}-voxel decoder")
     tr, va = split(len(x), val_fraction, seed)

@@ -8,13 +8,15 @@ converted to float32 in [0, 1], channels last. Never unpickles.
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MIN_SIDE = 8                        # smaller images make the metrics' windows meaningless (NaN SSIM)
 _NUMBER = re.compile(r"(\d+)$")
 
 
@@ -68,9 +70,11 @@ class ImageSet:
                         raise InputError(f"{self.path}: .npz holds {len(arr.files)} arrays; it must hold exactly one")
                     arr = arr[arr.files[0]]
         except ValueError as e:
-            raise InputError(f"{self.path}: not a readable numeric array ({e}); nsdedge never unpickles") from None
-        except (OSError, EOFError) as e:
-            raise InputError(f"{self.path}: not a readable .npy/.npz file ({e})") from None
+            raise InputError(f"{self.path}: not a readable numeric array ({first_line(e)}); nsdedge never "
+                             f"unpickles") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as e:      # truncated, or an .npz failing its CRC
+            raise InputError(f"{self.path}: not a readable .npy/.npz file ({type(e).__name__}: "
+                             f"{first_line(e)})") from None
         if arr.ndim == 3:                             # grayscale (N, H, W)
             pass
         elif arr.ndim != 4 or (arr.shape[-1] != 3 and arr.shape[1] != 3):
@@ -80,6 +84,10 @@ class ImageSet:
             raise InputError(f"{self.path}: images must be uint8 (0-255) or float (0-1), got {arr.dtype}")
         if len(arr) == 0:
             raise InputError(f"{self.path}: holds no images")
+        side = arr.shape[1:3] if arr.ndim == 3 or arr.shape[-1] == 3 else arr.shape[2:4]
+        if min(side) < MIN_SIDE:
+            raise InputError(f"{self.path}: images of {side[0]}x{side[1]} pixels; they must be at least "
+                             f"{MIN_SIDE}x{MIN_SIDE}")
         self._array = arr
         self.keys = list(range(len(arr)))
 
@@ -93,7 +101,12 @@ class ImageSet:
     def read(self, keys) -> np.ndarray:
         """float32 (len(keys), H, W, 3) in [0, 1]."""
         if self._array is None:
-            return np.stack([self._read_file(self._files[k]) for k in keys])
+            images = [self._read_file(self._files[k]) for k in keys]
+            if len({im.shape for im in images}) > 1:
+                (a, ia), (b, ib) = [(self._files[k].name, im.shape[:2]) for k, im in zip(keys, images)
+                                    if im.shape != images[0].shape or k == keys[0]][:2]
+                raise InputError(f"{self.path}: images differ in size ({a} {ia[0]}x{ia[1]}, {b} {ib[0]}x{ib[1]})")
+            return np.stack(images)
         a = np.asarray(self._array[np.asarray(keys)])   # copies only these rows out of the memory map
         if a.ndim == 3:
             a = np.repeat(a[..., None], 3, axis=-1)
@@ -112,9 +125,13 @@ class ImageSet:
 
         try:
             with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+                image = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
         except (OSError, UnidentifiedImageError) as e:
-            raise InputError(f"{path}: not a readable image ({e})") from None
+            raise InputError(f"{path}: not a readable image ({first_line(e)})") from None
+        if min(image.shape[:2]) < MIN_SIDE:
+            raise InputError(f"{path}: an image of {image.shape[0]}x{image.shape[1]} pixels; images must be at "
+                             f"least {MIN_SIDE}x{MIN_SIDE}")
+        return image
 
     def batches(self, keys, size: int = 32):
         keys = list(keys)

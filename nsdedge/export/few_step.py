@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightsError
+from ..errors import WeightsError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def read_lora(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001  safetensors raises SafetensorError, OSError, ...
-        raise WeightsError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+        raise WeightsError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def _lora_layers(model) -> dict[str, torch.nn.Module]:
@@ -72,7 +72,7 @@ def fuse_lora(unet, text_encoder, lora: dict[str, torch.Tensor], scale: float, s
     try:
         converted, _ = StableDiffusionPipeline.lora_state_dict(dict(lora))      # kohya -> diffusers names
     except Exception as e:  # noqa: BLE001  diffusers raises ValueError, KeyError, ... for a foreign file
-        raise WeightsError(f"{source}: not a LoRA diffusers can read ({str(e).splitlines()[0][:200]})") from None
+        raise WeightsError(f"{source}: not a LoRA diffusers can read ({first_line(e)})") from None
     models = {"unet": unet, "text_encoder": text_encoder}
     for key in converted:                      # name the first key (of the plain layouts) that fits no module
         m = _LORA_KEY.match(key)
@@ -91,7 +91,7 @@ def fuse_lora(unet, text_encoder, lora: dict[str, torch.Tensor], scale: float, s
     try:
         pipe.load_lora_weights(dict(lora), adapter_name="few_step")
     except Exception as e:  # noqa: BLE001  shapes that do not fit, unknown layouts, PEFT errors
-        raise WeightsError(f"{source}: diffusers cannot load this LoRA ({str(e).splitlines()[0][:200]})") from None
+        raise WeightsError(f"{source}: diffusers cannot load this LoRA ({first_line(e)})") from None
     injected = sum(len(_lora_layers(m)) for m in models.values() if m is not None)
     if injected < pairs:
         raise WeightsError(f"{source}: only {injected} of its {pairs} LoRA layers found a module of the UNet or "

@@ -370,12 +370,12 @@ def check_records(path: Path, manifest, data: dict[str, dict[str, np.ndarray]]) 
 def check_calibration_voxels(path: Path | None, sizes: dict[str, int]) -> int | None:
     """--calibration-voxels must hold trials of at least one subject's voxel count (`sizes`: subject -> voxels), else
     a one-line InputError before any tracing or conversion (not a late "nothing recorded", nor a silent stand-in).
-    Returns the file's voxel count (its first row read only)."""
+    Returns the file's voxel count. Every row is checked (finite numbers), a chunk at a time."""
     if path is None:
         return None
-    from ..voxels import load_voxels
+    from ..voxels import scan_voxels
 
-    v = load_voxels(path, rows=slice(0, 1)).shape[1]
+    v = scan_voxels(path)[1]
     if v not in sizes.values():
         raise InputError(f"{path}: trials of {v} voxels; the bundle's subjects take "
                          f"{', '.join(f'{s} {n}' for s, n in sizes.items())}")

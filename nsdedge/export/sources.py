@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import WeightsError
+from ..errors import WeightsError, first_line
 from .ip_adapter import IPAdapterWeights, read_ip_adapter
 
 log = logging.getLogger(__name__)
@@ -124,11 +124,6 @@ def _scheduler_config(path: Path) -> dict:
     return {k: v for k, v in sched.items() if not k.startswith("_")}
 
 
-def _first_line(e: Exception) -> str:
-    msg = str(e).strip()
-    return (msg.splitlines()[0] if msg else type(e).__name__)[:300]
-
-
 def _load_folder(path: Path) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -139,7 +134,7 @@ def _load_folder(path: Path) -> dict:
         try:
             parts[sub] = cls.from_pretrained(str(path / sub), local_files_only=True)
         except Exception as e:  # diffusers/transformers raise OSError, ValueError, RuntimeError, ...
-            raise WeightsError(f"{path / sub}: cannot load {cls.__name__}: {_first_line(e)}") from None
+            raise WeightsError(f"{path / sub}: cannot load {cls.__name__}: {first_line(e, 300)}") from None
     return parts
 
 
@@ -156,7 +151,7 @@ def _load_single_file(path: Path, config: Path) -> dict:
         pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
                                                         safety_checker=None, requires_safety_checker=False)
     except Exception as e:  # the converter raises many types for a wrong or foreign checkpoint
-        raise WeightsError(f"{path}: cannot load as an SD 1.5 checkpoint: {_first_line(e)}") from None
+        raise WeightsError(f"{path}: cannot load as an SD 1.5 checkpoint: {first_line(e, 300)}") from None
     return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
             "scheduler_config": _scheduler_config(config)}
 

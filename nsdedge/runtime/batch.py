@@ -14,6 +14,7 @@ location are checked before anything is written (and before the bundle is hashed
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -25,7 +26,8 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
-from ..bundle import atomic_writer, check_writable, create_once, json_text, sha256_file
+from ..bundle import (atomic_write_bytes, check_new_file, check_not_input, check_writable, create_once,
+                      json_text, sha256_file)
 from ..errors import InputError, NsdedgeError
 from ..voxels import load_voxels, validate_voxels
 from .pipeline import VAES, Reconstructor, check_number, check_seed
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 RUN_RECORD = "nsdedge-run.json"
 RECORD_FORMAT = "nsdedge-run"
 RECORD_VERSION = 1
+PNG_SOFTWARE = "nsdedge"          # the tEXt "Software" of every PNG nsdedge writes
 LOW_MEMORY_CHUNK = 32              # low memory: trials denoised with the UNet loaded, then decoded with the VAE loaded
 
 
@@ -191,6 +194,8 @@ def check_job(trials: Trials, out: str | Path, settings: Settings) -> Settings:
     run record's agreement on the voxels, the settings given and the nsdedge version. Writes nothing."""
     settings = settings.checked(trials.rows[-1])
     out = check_output(out, len(trials.rows))
+    if out.suffix.lower() == ".png":
+        check_new_file(out, inputs=[trials.path], ours=is_nsdedge_png)
     if out.suffix.lower() != ".png" and out.is_dir():
         given = {k: v for k, v in asdict(settings).items() if v is not None}
         check_record(out, {**given, "voxels_sha256": trials.sha256, "nsdedge": __version__},
@@ -198,11 +203,30 @@ def check_job(trials: Trials, out: str | Path, settings: Settings) -> Settings:
     return settings
 
 
-def _png(path: Path, image: np.ndarray) -> None:
-    from PIL import Image
+def png_bytes(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 as PNG, marked as nsdedge's (a tEXt "Software" chunk) so a later run may replace it."""
+    from PIL import Image, PngImagePlugin
 
-    with atomic_writer(path) as f:
-        Image.fromarray(image).save(f, format="PNG")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def is_nsdedge_png(path: Path) -> bool:
+    """A PNG that png_bytes wrote."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and getattr(im, "text", {}).get("Software") == PNG_SOFTWARE
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def _png(path: Path, image: np.ndarray) -> None:
+    atomic_write_bytes(path, png_bytes(image))
 
 
 def reconstruct(bundle: str | Path | Reconstructor, voxels: str | Path | Trials, out: str | Path, *,
@@ -228,6 +252,7 @@ def reconstruct(bundle: str | Path | Reconstructor, voxels: str | Path | Trials,
     targets = [out] if single else [out / f"{r:04d}.png" for r in tr.rows]
     rec = bundle if isinstance(bundle, Reconstructor) else Reconstructor(
         bundle, provider=provider, low_memory=low_memory, verify=verify)
+    check_not_input(out, [rec.path])                  # images written into the bundle would spoil it
     subject = rec.subject(subject)
     settings = settings.resolved(rec)
     if tr.voxels is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ProviderError
+from ..errors import ProviderError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _probe(ort, provider: str) -> str | None:
             return None
         error = f"it fell back to {sess.get_providers()[0]}"
     except Exception as e:  # noqa: BLE001  onnxruntime raises its own exception types
-        error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        error = first_line(e, 10 ** 6)
     missing = _missing_library(ort, provider)
     return f"{ep} does not start: {missing or error}"
 
@@ -280,8 +280,9 @@ class OrtSession:
         try:
             self.sess = self._create(options)
         except Exception as e:                  # onnxruntime raises its own exception types
-            if not self.cuda_graph or "graph" not in str(e).lower():
-                raise
+            if not self.cuda_graph or "graph" not in str(e).lower():   # e.g. a file damaged under --no-verify
+                raise ProviderError(f"{name}: onnxruntime could not open it on {provider} "
+                                    f"({type(e).__name__}: {first_line(e, 300)})") from None
             self._without_graph(e)
         used = self.sess.get_providers()
         if ORT_PROVIDERS[provider] not in used:
@@ -319,7 +320,7 @@ class OrtSession:
         """CUDA graphs need every node on the CUDA provider and nothing that syncs with the host during capture; a
         graph that cannot be captured runs node by node (said once, in the log)."""
         log.warning("%s: no CUDA graph (%s); running it node by node", self.name,
-                    str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+                    first_line(error, 10 ** 6))
         self.cuda_graph = False
         self._options = {k: v for k, v in self._options.items() if k != "enable_cuda_graph"}
         self._slots = {}

@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..bundle import CONSTANTS, Manifest, read_manifest
-from ..errors import BundleError, InputError, NsdedgeError
+from ..errors import BundleError, InputError, NsdedgeError, first_line
 from ..voxels import validate_voxels
 from .schedulers import make_scheduler
 from .session import Backend, bundle_provider, open_session, resolve
@@ -65,8 +66,18 @@ class Reconstructor:
                 self.prompt_embeds = c["prompt_embeds"].astype(np.float32)            # (1, 77, 768)
                 self.negative_embeds = c["negative_prompt_embeds"].astype(np.float32)  # (1, 77, 768)
                 self.uncond_tokens = c["uncond_ip_tokens"].astype(np.float32)         # (1, 16, 768)
-        except (KeyError, ValueError, OSError) as e:
-            raise BundleError(f"{self.path / CONSTANTS}: unreadable bundle constants ({e})") from None
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise BundleError(f"{self.path / CONSTANTS}: unreadable bundle constants ({type(e).__name__}: "
+                              f"{first_line(e)})") from None
+        ports = {p["name"]: p.get("shape") for p in self.manifest.components["unet"].inputs} \
+            if "unet" in self.manifest.components else {}
+        for name, port in [("prompt_embeds", "encoder_hidden_states"), ("negative_embeds", "encoder_hidden_states"),
+                           ("uncond_tokens", "ip_tokens")]:          # (1, ...) as the UNet input takes it
+            shape, want = getattr(self, name).shape, ports.get(port) or [1, None, None]
+            if len(shape) != len(want) or shape[0] != 1 or any(isinstance(w, int) and w != d
+                                                                for w, d in zip(want[1:], shape[1:])):
+                raise BundleError(f"{self.path / CONSTANTS}: {name} of shape {shape} does not fit the UNet's "
+                                  f"{port} {want}")
         log.info("bundle %s (%s) on provider %s", self.path, self.manifest.precision, self.provider)
 
     # -- sessions -----------------------------------------------------------------------------------
