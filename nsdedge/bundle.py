@@ -170,12 +170,13 @@ def check_not_input(path: Path, inputs: Iterable[Path | None], flag: str = "--ou
 
 
 def is_nsdedge_json(path: Path) -> bool:
-    """A JSON report nsdedge wrote (bench, eval): an object whose "command" ran nsdedge."""
+    """A JSON report nsdedge wrote (bench, eval): an object with its "nsdedge_version" (or, from before that
+    was written, a "command" that ran nsdedge)."""
     try:
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(d, dict) and "nsdedge" in str(d.get("command", ""))
+    return isinstance(d, dict) and ("nsdedge_version" in d or "nsdedge" in str(d.get("command", "")))
 
 
 def is_bundle(path: Path) -> bool:

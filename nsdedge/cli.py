@@ -622,7 +622,7 @@ def bench(bundle, steps, guidance, runs, warmup, e2e_runs, provider, low_memory,
     r = bench_bundle(bundle, steps=steps, guidance=guidance, runs=runs, warmup=warmup, e2e_runs=e2e_runs,
                      provider=provider, low_memory=low_memory,
                      progress=lambda s: click.echo(f"[{time.perf_counter() - t0:7.1f}s] {s}", err=True))
-    r["command"] = " ".join(sys.argv)
+    r["command"], r["nsdedge_version"] = " ".join(sys.argv), __version__
     click.echo(format_table(r))
     if json_out:
         atomic_write_bytes(json_out, json_text(r).encode())
@@ -903,8 +903,10 @@ def _done_counter(bar):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Tokens (N, 16, 768) .npy.")
 def embed(stimuli, ip_adapter, image_encoder, batch, out):
     """IP-Adapter-Plus tokens of the stimuli: the targets of `nsdedge fit`."""
+    from .bundle import check_new_file
     from .eval.images import ImageSet
 
+    check_new_file(out, inputs=[stimuli, ip_adapter, image_encoder], ours=_is_token_file)
     images = ImageSet(stimuli)
     ip_adapter = _local_weights(ip_adapter, "ip_adapter", "--ip-adapter", {})
     image_encoder = _local_weights(image_encoder, "image_encoder", "--image-encoder", {})
@@ -925,6 +927,17 @@ def embed(stimuli, ip_adapter, image_encoder, batch, out):
         progress = _done_counter(bar)
         embed_images(images, ip, enc, out, batch=batch, progress=progress)
     click.echo(f"wrote {out}: ({len(images)}, {ip.num_tokens}, {ip.resampler.output_dim}) tokens from {stimuli}")
+
+
+def _is_token_file(path: Path) -> bool:
+    """An .npy of ip tokens (N, 16, 768), as `embed` writes (plain numpy: no mark of its own)."""
+    from .voxels import read_array
+
+    try:
+        arr = read_array(path, what="tokens")
+    except InputError:
+        return False
+    return path.suffix == ".npy" and arr.ndim == 3 and arr.shape[1:] == (16, 768) and arr.dtype.kind == "f"
 
 
 # -- doctor ---------------------------------------------------------------------------------------------
@@ -968,8 +981,9 @@ def eval_(recons, stimuli, reference, preset, weights_dir, pixel_only, json_out,
     inputs = [recons, stimuli, reference, weights_dir]
     if json_out and sheet and json_out.absolute() == sheet.absolute():
         raise InputError(f"--json and --sheet name the same file ({json_out})")
-    if json_out:
-        check_new_file(json_out, inputs=inputs, ours=is_nsdedge_json, flag="--json")
+    if json_out:                          # (a report may sit among the images: only the input files count)
+        check_new_file(json_out, inputs=[p for p in inputs if p and p.is_file()], ours=is_nsdedge_json,
+                       flag="--json")
     if sheet:
         check_new_file(sheet, inputs=inputs, ours=is_nsdedge_png, flag="--sheet")
     try:
@@ -999,7 +1013,7 @@ def eval_(recons, stimuli, reference, preset, weights_dir, pixel_only, json_out,
         progress = _done_counter(bar)
         result = evaluate(rset, ref, preset=preset, weights_dir=weights_dir, fidelity=reference is not None,
                           metrics=metrics, progress=progress)
-    result["command"] = " ".join(sys.argv)
+    result["command"], result["nsdedge_version"] = " ".join(sys.argv), __version__
     click.echo(format_metrics(result))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)

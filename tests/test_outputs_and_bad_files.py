@@ -4,6 +4,7 @@ bad options are one-line errors. Each test failed before its fix (review of 2026
 import json
 import os
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -70,6 +71,9 @@ def test_check_new_file_recognises_what_nsdedge_wrote(tmp_path):
     report = tmp_path / "r.json"
     report.write_text(json.dumps({"command": "nsdedge eval --recons a", "pixcorr": 0.1}))
     assert check_new_file(report, ours=is_nsdedge_json) == report
+    scripted = tmp_path / "s.json"                     # the CLI called from a script: argv names no nsdedge
+    scripted.write_text(json.dumps({"command": "my_script.py", "nsdedge_version": "0.1"}))
+    assert check_new_file(scripted, ours=is_nsdedge_json) == scripted
     theirs = tmp_path / "t.json"
     theirs.write_text(json.dumps({"results": 1}))
     with pytest.raises(InputError, match="not a file nsdedge wrote"):
@@ -83,6 +87,22 @@ def test_check_new_file_recognises_what_nsdedge_wrote(tmp_path):
     png = tmp_path / "a.png"
     png.write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
     assert is_nsdedge_png(png) and np.array_equal(np.asarray(Image.open(png)), np.zeros((8, 8, 3), np.uint8))
+    # a PNG whose header claims 20000 x 20000 (Pillow refuses to open it): read, never decoded
+    ihdr = b"IHDR" + (20000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    chunk = len(ihdr[4:]).to_bytes(4, "big") + ihdr + zlib.crc32(ihdr).to_bytes(4, "big")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk + b"\0\0\0\0IEND" + zlib.crc32(b"IEND").to_bytes(4, "big"))
+    with pytest.raises(InputError, match="not a file nsdedge wrote"):
+        check_new_file(bomb, ours=is_nsdedge_png)
+
+
+def test_embed_never_writes_over_its_stimuli(tiny_weights, tmp_path):
+    stim = tmp_path / "stim.npy"
+    np.save(stim, np.zeros((2, 16, 16, 3), np.uint8))
+    before = stim.read_bytes()
+    _one_line_error(run_cli("embed", "--stimuli", str(stim), "--ip-adapter", str(tiny_weights["ip_bin"]),
+                            "--image-encoder", str(tiny_weights["image_encoder"]), "--out", str(stim)), "an input")
+    assert stim.read_bytes() == before
 
 
 def test_eval_outputs_are_checked_before_the_metrics(tmp_path):
@@ -95,6 +115,11 @@ def test_eval_outputs_are_checked_before_the_metrics(tmp_path):
     _one_line_error(run_cli("eval", "--recons", str(recons), "--stimuli", str(stim), "--pixel-only", "--json",
                             str(stim)), "an input")
     assert stim.read_bytes() == before
+    report = recons / "metrics.json"                   # a report among the images it scores: written, rewritten
+    for _ in range(2):
+        r = run_cli("eval", "--recons", str(recons), "--stimuli", str(stim), "--pixel-only", "--json", str(report))
+        assert r.returncode == 0, r.stderr
+    assert "nsdedge_version" in json.loads(report.read_text())
     Image.new("RGB", (24, 16)).save(recons / "0001.png")              # one image of another size
     with pytest.raises(InputError, match="differ in size"):
         ImageSet(recons).read([0, 1])

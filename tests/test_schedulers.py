@@ -52,12 +52,23 @@ def test_bad_arguments():
             make_scheduler("ddim", SD15_SCHEDULER_CONFIG, steps)
 
 
-@pytest.mark.parametrize("name,most", [("ddim", 999), ("dpm", 999), ("ddim-trailing", 1000)])
+@pytest.mark.parametrize("name,most", [("ddim", 999), ("dpm", 999), ("ddim-trailing", 1000), ("euler", 1000)])
 def test_more_steps_than_the_model_has_timesteps_are_refused(name, most):
     # SD 1.5's ddim with steps_offset 1 would index timestep 1000 at 1000 steps; dpm's would repeat (NaN)
     assert len(make_scheduler(name, SD15_SCHEDULER_CONFIG, most).timesteps) == most
     with pytest.raises(ValueError, match=rf"cannot take {most + 1} steps .*\(at most {most}\)"):
         make_scheduler(name, SD15_SCHEDULER_CONFIG, most + 1)
+    with pytest.raises(ValueError, match="at most"):
+        make_scheduler(name, SD15_SCHEDULER_CONFIG, 10 ** 12)       # refused before any array of that length
+
+
+@pytest.mark.parametrize("name", ["ddim-trailing", "euler", "dpm"])
+def test_trailing_spacing_gives_exactly_the_steps_asked_for(name):
+    # float rounding makes diffusers' arange one longer for some counts (61: a 62nd timestep of -1)
+    config = {**SD15_SCHEDULER_CONFIG, "timestep_spacing": "trailing"}
+    for n in (4, 61, 333, 999):
+        t = make_scheduler(name, config, n).timesteps
+        assert len(t) == n and t.min() >= 0 and t[0] == 999
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])

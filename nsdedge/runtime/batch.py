@@ -215,14 +215,21 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def is_nsdedge_png(path: Path) -> bool:
-    """A PNG that png_bytes wrote."""
-    from PIL import Image, UnidentifiedImageError
-
+    """A PNG that png_bytes wrote: its chunks before the image data are read, the image is never decoded."""
     try:
-        with Image.open(path) as im:
-            return im.format == "PNG" and getattr(im, "text", {}).get("Software") == PNG_SOFTWARE
-    except (OSError, UnidentifiedImageError, ValueError):
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            while len(head := f.read(8)) == 8:
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind in (b"IDAT", b"IEND") or length > 1 << 20:
+                    return False
+                if kind == b"tEXt" and f.read(length) == b"Software\0" + PNG_SOFTWARE.encode("latin-1"):
+                    return True
+                f.seek(4 if kind == b"tEXt" else length + 4, 1)        # past the data (unless read) and the CRC
+    except OSError:
         return False
+    return False
 
 
 def _png(path: Path, image: np.ndarray) -> None:
@@ -247,12 +254,12 @@ def reconstruct(bundle: str | Path | Reconstructor, voxels: str | Path | Trials,
     else:
         tr = read_trials(voxels, trials)
     settings = check_job(tr, out, Settings(steps, guidance, ip_scale, scheduler, seed, vae))
+    check_not_input(out, [bundle.path if isinstance(bundle, Reconstructor) else bundle])   # images in a bundle spoil it
     out = Path(out)
     single = out.suffix.lower() == ".png"
     targets = [out] if single else [out / f"{r:04d}.png" for r in tr.rows]
     rec = bundle if isinstance(bundle, Reconstructor) else Reconstructor(
         bundle, provider=provider, low_memory=low_memory, verify=verify)
-    check_not_input(out, [rec.path])                  # images written into the bundle would spoil it
     subject = rec.subject(subject)
     settings = settings.resolved(rec)
     if tr.voxels is None:

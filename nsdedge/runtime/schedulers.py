@@ -67,8 +67,7 @@ class DDIM(_Schedule):
             ratio = self.n_train // n
             ts = (np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + self.offset
         elif self.spacing == "trailing":
-            ratio = self.n_train / n
-            ts = np.round(np.arange(self.n_train, 0, -ratio)).astype(np.int64) - 1
+            ts = _trailing(self.n_train, n).astype(np.int64)
         else:  # linspace
             ts = np.linspace(0, self.n_train - 1, n).round()[::-1].astype(np.int64)
         self.timesteps = ts
@@ -83,6 +82,13 @@ class DDIM(_Schedule):
         a_prev = np.float64(self.ac[prev_t] if prev_t >= 0 else self.final_ac)
         x0 = (x - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)                       # predicted x_0
         return (np.sqrt(a_prev) * x0 + np.sqrt(1.0 - a_prev) * eps).astype(np.float32)
+
+
+def _trailing(n_train: int, n: int) -> np.ndarray:
+    """diffusers' "trailing" spacing, round(arange(n_train, 0, -n_train / n)) - 1, cut to its n steps: for some n
+    (61, ...) float rounding gives arange one more element, a timestep of -1 (diffusers then runs n + 1 steps, the
+    last with alpha_bar[-1], the noisiest)."""
+    return (np.round(np.arange(n_train, 0, -n_train / n)) - 1)[:n]
 
 
 def _interp_sigmas(ac: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
@@ -101,7 +107,7 @@ class Euler(_Schedule):
             ratio = self.n_train // n
             ts = (np.arange(0, n) * ratio).round()[::-1].astype(np.float32) + self.offset
         else:  # trailing
-            ts = (np.arange(self.n_train, 0, -self.n_train / n)).round().astype(np.float32) - 1
+            ts = _trailing(self.n_train, n).astype(np.float32)
         self.sigmas = _interp_sigmas(self.ac, ts)
         self.timesteps = ts.astype(np.float32)
         max_sigma = float(self.sigmas.max())
@@ -131,7 +137,7 @@ class DPMSolverPP2M(_Schedule):
             ratio = self.n_train // (n + 1)
             ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + self.offset
         else:  # trailing
-            ts = np.arange(self.n_train, 0, -self.n_train / n).round().copy().astype(np.int64) - 1
+            ts = _trailing(self.n_train, n).astype(np.int64)
         self.timesteps = ts
         self.sigmas = _interp_sigmas(self.ac, ts)
         self.outputs: list[np.ndarray | None] = [None] * self.order
@@ -229,17 +235,18 @@ def make_scheduler(name: str, config: dict, steps: int):
     if name == "ddim-trailing":
         config = {**config, "timestep_spacing": "trailing"}
     s = classes[name](config)
-    s.set_timesteps(int(steps))
-    if not _distinct_in_range(s):        # too many steps: timesteps repeat or leave the model's training range
-        fits = 1
-        for n in range(min(int(steps) - 1, s.n_train), 1, -1):
-            s.set_timesteps(n)
-            if _distinct_in_range(s):
-                fits = n
-                break
-        raise ValueError(f"{name} cannot take {steps} steps with this model's {s.n_train} training timesteps "
-                         f"(at most {fits})")
-    return s
+    if steps <= s.n_train:                # (never more timesteps than the model was trained with: no huge arrays)
+        s.set_timesteps(int(steps))
+        if _distinct_in_range(s):
+            return s
+    fits = 1                              # too many steps: timesteps would repeat or leave the training range
+    for n in range(min(int(steps) - 1, s.n_train), 1, -1):
+        s.set_timesteps(n)
+        if _distinct_in_range(s):
+            fits = n
+            break
+    raise ValueError(f"{name} cannot take {steps} steps with this model's {s.n_train} training timesteps "
+                     f"(at most {fits})")
 
 
 def _distinct_in_range(s: _Schedule) -> bool:
