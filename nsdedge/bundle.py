@@ -399,6 +399,7 @@ class BundleWriter:
             if not force:
                 raise BundleError(f"{self.out} exists; pass --force to replace it")
             check_replaceable(self.out)
+        self.made = [p for p in self.out.parents if not p.exists()]   # created here: removed again on failure
         self.out.parent.mkdir(parents=True, exist_ok=True)
         while True:
             self.tmp = _new_name(self.out, ".partial")
@@ -416,6 +417,11 @@ class BundleWriter:
     def __exit__(self, *exc: object) -> None:
         if not self.committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            for p in self.made:                  # deepest first; only while still empty (nothing of anyone's)
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
 
     def write_manifest(self, manifest: Manifest) -> None:
         """Hash every file now in `tmp` and write the manifest there (the bundle is then readable in place)."""

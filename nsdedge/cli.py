@@ -278,8 +278,11 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
         raise InputError("give either --preset or --sd (with --ip-adapter and --image-encoder)")
     if sd and not (ip_adapter and image_encoder):
         raise InputError("--sd needs --ip-adapter and --image-encoder too")
-    if resolution is not None and resolution <= 0:
-        raise InputError(f"--resolution must be positive, got {resolution}")
+    if resolution is not None:
+        from .export.build import MAX_RESOLUTION
+
+        if not 0 < resolution <= MAX_RESOLUTION:
+            raise InputError(f"--resolution must be from 1 to {MAX_RESOLUTION} pixels, got {resolution}")
     hub_refs: dict[str, dict] = {}
     sd, sd_config, ip_adapter, image_encoder, lora, tiny_vae = (
         _local_weights(value, kind, option, hub_refs) for value, kind, option in (

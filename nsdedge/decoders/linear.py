@@ -131,6 +131,8 @@ def read_decoder(path: str | Path) -> LinearDecoder:
         v, tokens, width = int(meta["voxels"]), int(meta["tokens"]), int(meta["width"])
     except (KeyError, ValueError) as e:
         raise WeightsError(f"{path}: bad decoder metadata: {e}") from None
+    if (tokens, width) != (TOKENS, WIDTH):
+        raise WeightsError(f"{path}: decoder makes {tokens} x {width} tokens; IP-Adapter-Plus takes {TOKENS} x {WIDTH}")
     d = tokens * width
     if "weight" in arrays:
         shapes = {"weight": (v, d)}

@@ -122,6 +122,7 @@ def read_mlp(path: str | Path, config: MLPConfig | None = None) -> tuple[BrainGu
             raise WeightsError(f"{path}: expected a state dict of tensors")
     if config is None:
         config = infer_config(sd, str(path))
+    check_config(config, path)
     model = BrainGuardMLP(config)
     want = model.state_dict()
     for k, v in want.items():
@@ -134,5 +135,20 @@ def read_mlp(path: str | Path, config: MLPConfig | None = None) -> tuple[BrainGu
     extra = sorted(set(sd) - set(want))
     if extra:
         raise WeightsError(f"{path}: unexpected key {extra[0]}")
+    bad = next((k for k, v in sd.items() if not (v.is_floating_point() and bool(torch.isfinite(v).all()))), None)
+    if bad is not None or ("x_std" in sd and bool((sd["x_std"] <= 0).any())):
+        raise WeightsError(f"{path}: key {bad or 'x_std'} is not floating point, holds NaN/Inf or a non-positive x_std")
     model.load_state_dict({**want, **{k: v.float() for k, v in sd.items()}})
     return model.eval(), subject
+
+
+def check_config(cfg: MLPConfig, path) -> None:
+    """WeightsError unless `cfg` describes a decoder of IP-Adapter-Plus tokens: sizes whole and positive (and not
+    absurd), 16 x 768 tokens, a known block order."""
+    sizes = {"voxels": cfg.voxels, "hidden": cfg.hidden, "blocks": cfg.blocks, "projector_hidden": cfg.projector_hidden}
+    if not all(type(v) is int and 0 < v <= 1 << 20 for v in sizes.values()) or cfg.blocks > 64:
+        raise WeightsError(f"{path}: MLP sizes out of range ({', '.join(f'{k} {v!r}' for k, v in sizes.items())})")
+    if (cfg.tokens, cfg.width) != (16, 768):
+        raise WeightsError(f"{path}: decoder makes {cfg.tokens} x {cfg.width} tokens; IP-Adapter-Plus takes 16 x 768")
+    if cfg.block_order not in ("linear-ln-gelu", "linear-gelu-ln"):
+        raise WeightsError(f"{path}: unknown block order {cfg.block_order!r}")

@@ -60,11 +60,23 @@ def load_clip_vision(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise WeightsError(f"{path}: no such CLIP vision folder")
+    return load_pretrained(CLIPVisionModelWithProjection, path)
+
+
+def load_pretrained(cls, path: Path):
+    """`cls.from_pretrained` of a local diffusers / transformers folder, in eval mode, or WeightsError naming the
+    folder, also when its weights leave some of the model's out or have other shapes: from_pretrained fills those
+    with random values and only warns."""
     try:
-        return CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True).eval()
-    except Exception as e:  # noqa: BLE001  transformers raises OSError, ValueError, RuntimeError, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise WeightsError(f"{path}: cannot load CLIPVisionModelWithProjection: {first}") from None
+        model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001  diffusers and transformers raise OSError, ValueError, RuntimeError, ...
+        raise WeightsError(f"{path}: cannot load {cls.__name__}: {first_line(e, 300)}") from None
+    for kind in ("missing_keys", "mismatched_keys", "error_msgs"):
+        found = sorted(str(k) for k in info.get(kind) or [])
+        if found:
+            raise WeightsError(f"{path}: not a complete {cls.__name__} ({kind.replace('_', ' ')}: "
+                               f"{', '.join(found[:3])}{', ...' if len(found) > 3 else ''})")
+    return model.eval()
 
 
 def _torchvision_model(name: str):

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..bundle import CONSTANTS, BundleWriter, Component, Manifest
+from ..bundle import CONSTANTS, BundleWriter, Component, Manifest, check_subject
 from ..calibration.record import CALIBRATION_NEEDED
 from ..errors import NsdedgeError
 from .decoder_export import export_decoder
@@ -18,9 +18,11 @@ from .onnx_export import OPSET, GraphSpec, export_and_verify
 from .openvino_ir import pick_recipe
 from .sources import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, Sources, encode_prompt, unconditional_tokens
 from .few_step import TinyVAEDecoder, fuse_lora, tiny_vae_factor
-from .wrappers import UNetIP, VAEDecoder, install_ip_adapter
+from .ip_adapter import check_against_unet
+from .wrappers import UNetIP, VAEDecoder, cross_attention_layers, install_ip_adapter
 
 log = logging.getLogger(__name__)
+MAX_RESOLUTION = 2048           # pixels per side: SD 1.5 makes 512; beyond this a trace takes hours or all memory
 
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 TARGETS = ("onnx", "tensorrt", "openvino", "cuda")
@@ -120,6 +122,8 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
     int8_recipe = pick_recipe(int8_recipe, calibration_voxels is not None or calibration is not None)
     resolution = resolution or src.resolution or src.unet.config.sample_size * src.vae_scale_factor
     f, m = src.vae_scale_factor, src.unet_multiple
+    if not 0 < resolution <= MAX_RESOLUTION:
+        raise NsdedgeError(f"--resolution {resolution} out of range: 1 to {MAX_RESOLUTION} pixels")
     if resolution % (f * m):
         raise NsdedgeError(f"--resolution {resolution} must be a multiple of {f * m} for this model "
                            f"(VAE factor {f} x UNet downsampling {m})")
@@ -133,6 +137,16 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
     if not src.full_vae and src.tiny_vae is None:
         raise NsdedgeError("--no-full-vae needs --tiny-vae: a bundle needs a VAE decoder")
     _check_run_defaults(src)
+    subjects = [d.subject for d in src.decoders]
+    for s in subjects:
+        check_subject(s)                          # (a subject names a file of the bundle)
+    if len(set(subjects)) != len(subjects):
+        raise NsdedgeError(f"two decoders for one subject in {subjects}")
+    check_against_unet(src.ip_adapter, cross_attention_layers(src.unet))    # before the tracing, not in it
+    for flag, text in (("--prompt", prompt), ("--negative-prompt", negative_prompt)):
+        n, most = len(src.tokenizer(text).input_ids), src.tokenizer.model_max_length
+        if n > most:                              # as diffusers: truncated, and said so
+            log.warning("%s is %d tokens long; the text encoder reads its first %d", flag, n, most)
     if target == "cuda":
         from .cuda_graph import check_group_norms
 

@@ -155,8 +155,6 @@ def load_tiny_vae(path: Path):
     path = Path(path)
     if not path.is_dir():
         raise WeightsError(f"{path}: no such AutoencoderTiny folder (--tiny-vae takes madebyollin/taesd's folder)")
-    try:
-        return AutoencoderTiny.from_pretrained(str(path), local_files_only=True).eval()
-    except Exception as e:  # noqa: BLE001  diffusers raises OSError, ValueError, RuntimeError, ...
-        raise WeightsError(f"{path}: cannot load AutoencoderTiny: {(str(e).strip().splitlines() or [''])[0][:200]}") \
-            from None
+    from ..eval.features import load_pretrained
+
+    return load_pretrained(AutoencoderTiny, path)

@@ -121,6 +121,13 @@ def read_ip_adapter(path: str | Path) -> IPAdapterWeights:
             keys = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
             raise WeightsError(f"{path}: expected a dict with keys image_proj and ip_adapter, got {keys}")
         image_proj, ip = sd["image_proj"], sd["ip_adapter"]
+        if not all(isinstance(part, dict) and all(isinstance(v, torch.Tensor) for v in part.values())
+                   for part in (image_proj, ip)):
+            raise WeightsError(f"{path}: image_proj and ip_adapter must be dicts of tensors")
+    if not all(v.is_floating_point() and bool(torch.isfinite(v).all()) for v in [*image_proj.values(), *ip.values()]):
+        bad = next(k for k, v in [*image_proj.items(), *ip.items()]
+                   if not (v.is_floating_point() and bool(torch.isfinite(v).all())))
+        raise WeightsError(f"{path}: weight {bad} is not floating point or holds NaN/Inf")
     if not image_proj:
         raise WeightsError(f"{path}: missing key image_proj (no Resampler weights)")
     if not ip:

@@ -121,6 +121,8 @@ def _scheduler_config(path: Path) -> dict:
         sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError) as e:
         raise WeightsError(f"{path}/scheduler/scheduler_config.json: unreadable ({e})") from None
+    if not isinstance(sched, dict):
+        raise WeightsError(f"{path}/scheduler/scheduler_config.json: not a JSON object")
     return {k: v for k, v in sched.items() if not k.startswith("_")}
 
 
@@ -128,13 +130,15 @@ def _load_folder(path: Path) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from ..eval.features import load_pretrained
+
     parts = {"scheduler_config": _scheduler_config(path)}
-    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
-                     ("tokenizer", CLIPTokenizer)):
-        try:
-            parts[sub] = cls.from_pretrained(str(path / sub), local_files_only=True)
-        except Exception as e:  # diffusers/transformers raise OSError, ValueError, RuntimeError, ...
-            raise WeightsError(f"{path / sub}: cannot load {cls.__name__}: {first_line(e, 300)}") from None
+    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+        parts[sub] = load_pretrained(cls, path / sub)
+    try:
+        parts["tokenizer"] = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, ...
+        raise WeightsError(f"{path / 'tokenizer'}: cannot load CLIPTokenizer: {first_line(e, 300)}") from None
     return parts
 
 
