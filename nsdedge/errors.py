@@ -29,3 +29,13 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type's name when it has none), for a one-line error."""
     msg = str(e).strip()
     return (msg.splitlines()[0] if msg else type(e).__name__)[:limit]
+
+
+def torch_load_error(e: BaseException) -> str:
+    """Why a weights-only torch.load failed, in words: objects other than tensors in the pickle (never run, and
+    not torch's advice to load it unsafely), or the error's first line."""
+    import pickle
+
+    if isinstance(e, pickle.UnpicklingError):
+        return "it pickles objects other than tensors, which nsdedge never loads"
+    return f"{type(e).__name__}: {first_line(e)}"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import WeightsError
+from ..errors import WeightsError, torch_load_error
 from .linear import read_safetensors
 
 ORDERS = ("linear-ln-gelu", "linear-gelu-ln")
@@ -115,7 +115,7 @@ def read_mlp(path: str | Path, config: MLPConfig | None = None) -> tuple[BrainGu
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad or unsafe file
-            raise WeightsError(f"{path}: not a readable torch state dict ({type(e).__name__})") from None
+            raise WeightsError(f"{path}: not a readable torch state dict ({torch_load_error(e)})") from None
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightsError, first_line
+from ..errors import WeightsError, torch_load_error
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def read_ip_adapter(path: str | Path) -> IPAdapterWeights:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad or unsafe file
-            raise WeightsError(f"{path}: not a readable IP-Adapter .bin ({type(e).__name__}: {first_line(e)})") from None
+            raise WeightsError(f"{path}: not a readable IP-Adapter .bin ({torch_load_error(e)})") from None
         if not isinstance(sd, dict) or set(sd) != {"image_proj", "ip_adapter"}:
             keys = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
             raise WeightsError(f"{path}: expected a dict with keys image_proj and ip_adapter, got {keys}")
