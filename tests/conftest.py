@@ -31,6 +31,16 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
                           env=full_env, cwd=cwd, timeout=600)
 
 
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """Assert `r` failed as bad input must: exit 2, one `error: ...` line on stderr holding `needles`, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD 1.5 + IP-Adapter-Plus + CLIP vision + decoder, saved as a user would hold them."""

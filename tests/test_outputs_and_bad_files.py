@@ -15,16 +15,8 @@ from nsdedge.errors import BundleError, InputError, first_line
 from nsdedge.eval.images import ImageSet
 from nsdedge.runtime.batch import is_nsdedge_png, png_bytes
 from nsdedge.voxels import load_voxels
+from tests.conftest import one_line_error as _one_line_error
 from tests.conftest import run_cli
-
-
-def _one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def _bad_crc_npz(path, arr):

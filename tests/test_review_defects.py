@@ -12,16 +12,8 @@ import pytest
 
 from nsdedge.bundle import BundleWriter, read_manifest
 from nsdedge.errors import BundleError
+from tests.conftest import one_line_error as _one_line_error
 from tests.conftest import run_cli
-
-
-def _one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def _tree(path):
