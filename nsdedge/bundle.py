@@ -140,6 +140,10 @@ def check_writable(path: Path) -> None:
         raise InputError(f"{path}: cannot write there ({base} is not a writable directory)")
 
 
+MAX_RESOLUTION = 2048              # pixels per side a bundle is exported at: SD 1.5 makes 512; beyond, a trace takes
+                                   # hours or all memory
+
+
 def check_new_file(path: Path, *, inputs: Iterable[Path | None] = (), ours: Callable[[Path], bool] | None = None,
                    flag: str = "--out") -> Path:
     """Before any work: InputError unless nsdedge may write the file `path`. It must not be a directory, nor one of
@@ -394,7 +398,7 @@ class BundleWriter:
     """
 
     def __init__(self, out: Path, force: bool = False):
-        self.out = Path(out).absolute()
+        self.out = Path(os.path.abspath(out))         # (.. resolved: the parents made are the real ones)
         if self.out.exists() or self.out.is_symlink():
             if not force:
                 raise BundleError(f"{self.out} exists; pass --force to replace it")

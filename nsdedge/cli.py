@@ -279,7 +279,7 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
     if sd and not (ip_adapter and image_encoder):
         raise InputError("--sd needs --ip-adapter and --image-encoder too")
     if resolution is not None:
-        from .export.build import MAX_RESOLUTION
+        from .bundle import MAX_RESOLUTION
 
         if not 0 < resolution <= MAX_RESOLUTION:
             raise InputError(f"--resolution must be from 1 to {MAX_RESOLUTION} pixels, got {resolution}")

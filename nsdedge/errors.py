@@ -32,10 +32,14 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 
 
 def torch_load_error(e: BaseException) -> str:
-    """Why a weights-only torch.load failed, in words: objects other than tensors in the pickle (never run, and
-    not torch's advice to load it unsafely), or the error's first line."""
+    """Why a weights-only torch.load failed, in words: objects other than tensors in the pickle (never run; not
+    torch's advice to load it unsafely), or not a torch weights file at all (a git-lfs pointer, a web page, ...)."""
     import pickle
 
     if isinstance(e, pickle.UnpicklingError):
-        return "it pickles objects other than tensors, which nsdedge never loads"
+        after = str(e).split("WeightsUnpickler error:", 1)[-1]
+        reason = next((ln.strip() for ln in after.splitlines() if ln.strip()), type(e).__name__)[:120]
+        if "Unsupported global" in reason:
+            return f"it pickles objects other than tensors ({reason}), which nsdedge never loads"
+        return f"not a weights-only torch file ({reason}); nsdedge never loads anything else"
     return f"{type(e).__name__}: {first_line(e)}"

@@ -28,6 +28,11 @@ def test_a_folder_missing_weights_is_refused_not_filled_with_random_values(tiny_
     with pytest.raises(WeightsError, match=rf"missing keys: .*{gone}"):
         load_image_encoder(enc)
     load_image_encoder(tiny_weights["image_encoder"])                    # the complete folder loads
+    no_proj = tmp_path / "no_projection"                                  # IP-Adapter reads hidden states only
+    shutil.copytree(tiny_weights["image_encoder"], no_proj)
+    save_file({k: v for k, v in state.items() if not k.startswith("visual_projection.")},
+              no_proj / "model.safetensors", metadata={"format": "pt"})
+    load_image_encoder(no_proj)
     with pytest.raises(WeightsError, match="not a complete AutoencoderTiny"):
         load_tiny_vae(tiny_weights["sd"] / "vae")                         # an AutoencoderKL is not a TAESD
     sd = tmp_path / "sd15"
@@ -49,6 +54,10 @@ def test_ip_adapter_weights_must_be_finite_tensors(tiny_weights, tmp_path):
     torch.save({"image_proj": ["a"], "ip_adapter": {}}, tmp_path / "lists.bin")
     with pytest.raises(WeightsError, match="dicts of tensors"):
         read_ip_adapter(tmp_path / "lists.bin")
+    lfs = tmp_path / "pointer.bin"                                        # a git-lfs pointer, not the weights
+    lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with pytest.raises(WeightsError, match="not a weights-only torch file"):
+        read_ip_adapter(lfs)
 
 
 def test_decoders_must_make_16_by_768_finite_tokens(tmp_path):
@@ -62,6 +71,10 @@ def test_decoders_must_make_16_by_768_finite_tokens(tmp_path):
                   tokens=8).save(tmp_path / "tok8.safetensors")
     with pytest.raises(WeightsError, match="8 x 768 tokens"):
         read_decoder(tmp_path / "tok8.safetensors")
+    no_blocks = BrainGuardMLP(MLPConfig(voxels=10, hidden=8, blocks=0, projector_hidden=8))   # fit --blocks 0
+    save_file({k: v.contiguous() for k, v in no_blocks.state_dict().items()}, tmp_path / "b0.safetensors",
+              metadata=no_blocks.metadata("subj01"))
+    read_mlp(tmp_path / "b0.safetensors")
     model = BrainGuardMLP(MLPConfig(voxels=10, hidden=8, blocks=1, projector_hidden=8))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     meta = model.metadata("subj01")
@@ -85,7 +98,8 @@ def test_decoders_must_make_16_by_768_finite_tokens(tmp_path):
 def test_a_failed_export_removes_the_folders_it_made(tmp_path):
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "theirs.txt").write_text("x")
-    for out in (tmp_path / "a" / "b" / "bundle", tmp_path / "kept" / "new" / "bundle"):
+    for out in (tmp_path / "a" / "b" / "bundle", tmp_path / "kept" / "new" / "bundle",
+                tmp_path / "c" / ".." / "d" / "bundle"):
         with pytest.raises(RuntimeError):
             with BundleWriter(out):
                 raise RuntimeError("a late failure")

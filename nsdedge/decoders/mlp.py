@@ -146,7 +146,8 @@ def check_config(cfg: MLPConfig, path) -> None:
     """WeightsError unless `cfg` describes a decoder of IP-Adapter-Plus tokens: sizes whole and positive (and not
     absurd), 16 x 768 tokens, a known block order."""
     sizes = {"voxels": cfg.voxels, "hidden": cfg.hidden, "blocks": cfg.blocks, "projector_hidden": cfg.projector_hidden}
-    if not all(type(v) is int and 0 < v <= 1 << 20 for v in sizes.values()) or cfg.blocks > 64:
+    if not all(type(v) is int and 0 <= v <= 1 << 20 for v in sizes.values()) or cfg.blocks > 64 \
+            or 0 in (cfg.voxels, cfg.hidden, cfg.projector_hidden):                 # (0 residual blocks is a decoder)
         raise WeightsError(f"{path}: MLP sizes out of range ({', '.join(f'{k} {v!r}' for k, v in sizes.items())})")
     if (cfg.tokens, cfg.width) != (16, 768):
         raise WeightsError(f"{path}: decoder makes {cfg.tokens} x {cfg.width} tokens; IP-Adapter-Plus takes 16 x 768")

@@ -53,26 +53,28 @@ NETWORKS = {
 }
 
 
-def load_clip_vision(path: str | Path):
-    """transformers' CLIPVisionModelWithProjection from a local folder (config + weights), in eval mode."""
+def load_clip_vision(path: str | Path, projection: bool = True):
+    """transformers' CLIPVisionModelWithProjection from a local folder (config + weights), in eval mode.
+    `projection` False: a folder without the image-embedding projection serves (IP-Adapter reads hidden states)."""
     from transformers import CLIPVisionModelWithProjection
 
     path = Path(path)
     if not path.is_dir():
         raise WeightsError(f"{path}: no such CLIP vision folder")
-    return load_pretrained(CLIPVisionModelWithProjection, path)
+    return load_pretrained(CLIPVisionModelWithProjection, path, optional=() if projection else ("visual_projection.",))
 
 
-def load_pretrained(cls, path: Path):
+def load_pretrained(cls, path: Path, optional: tuple[str, ...] = ()):
     """`cls.from_pretrained` of a local diffusers / transformers folder, in eval mode, or WeightsError naming the
     folder, also when its weights leave some of the model's out or have other shapes: from_pretrained fills those
-    with random values and only warns."""
+    with random values and only warns. Missing weights whose names start with one of `optional` are let be."""
     try:
         model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001  diffusers and transformers raise OSError, ValueError, RuntimeError, ...
         raise WeightsError(f"{path}: cannot load {cls.__name__}: {first_line(e, 300)}") from None
     for kind in ("missing_keys", "mismatched_keys", "error_msgs"):
-        found = sorted(str(k) for k in info.get(kind) or [])
+        found = sorted(str(k) for k in info.get(kind) or []
+                       if not (kind == "missing_keys" and str(k).startswith(optional)))
         if found:
             raise WeightsError(f"{path}: not a complete {cls.__name__} ({kind.replace('_', ' ')}: "
                                f"{', '.join(found[:3])}{', ...' if len(found) > 3 else ''})")

@@ -10,9 +10,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..bundle import CONSTANTS, BundleWriter, Component, Manifest, check_subject
+from ..bundle import MAX_RESOLUTION, CONSTANTS, BundleWriter, Component, Manifest, check_subject
 from ..calibration.record import CALIBRATION_NEEDED
-from ..errors import NsdedgeError
+from ..errors import NsdedgeError, WeightsError
 from .decoder_export import export_decoder
 from .onnx_export import OPSET, GraphSpec, export_and_verify
 from .openvino_ir import pick_recipe
@@ -22,7 +22,6 @@ from .ip_adapter import check_against_unet
 from .wrappers import UNetIP, VAEDecoder, cross_attention_layers, install_ip_adapter
 
 log = logging.getLogger(__name__)
-MAX_RESOLUTION = 2048           # pixels per side: SD 1.5 makes 512; beyond this a trace takes hours or all memory
 
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 TARGETS = ("onnx", "tensorrt", "openvino", "cuda")
@@ -143,6 +142,9 @@ def export_bundle(src: Sources, out: Path, *, precision: str = "fp32", resolutio
     if len(set(subjects)) != len(subjects):
         raise NsdedgeError(f"two decoders for one subject in {subjects}")
     check_against_unet(src.ip_adapter, cross_attention_layers(src.unet))    # before the tracing, not in it
+    if src.unet.config.cross_attention_dim != src.ip_adapter.resampler.output_dim:
+        raise WeightsError(f"{src.ip_adapter.source}: tokens {src.ip_adapter.resampler.output_dim} wide, the UNet's "
+                           f"cross-attention takes {src.unet.config.cross_attention_dim}")
     for flag, text in (("--prompt", prompt), ("--negative-prompt", negative_prompt)):
         n, most = len(src.tokenizer(text).input_ids), src.tokenizer.model_max_length
         if n > most:                              # as diffusers: truncated, and said so

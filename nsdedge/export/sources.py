@@ -164,7 +164,7 @@ def load_image_encoder(path: str | Path):
     """The CLIP ViT-H vision model (transformers folder) that computes the unconditional ip tokens."""
     from ..eval.features import load_clip_vision
 
-    return load_clip_vision(path)
+    return load_clip_vision(path, projection=False)          # only hidden_states[-2] is read
 
 
 def load_sources(sd: str | Path, ip_adapter: str | Path, image_encoder: str | Path,
