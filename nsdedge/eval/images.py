@@ -8,7 +8,6 @@ converted to float32 in [0, 1], channels last. Never unpickles.
 from __future__ import annotations
 
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -55,26 +54,9 @@ class ImageSet:
         self.keys = sorted(self._files)
 
     def _open_array(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                magic = f.read(6)
-        except OSError as e:
-            raise InputError(f"{self.path}: cannot read ({e.strerror})") from None
-        if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":
-            raise InputError(f"{self.path}: not an image directory, .npy or .npz file")
-        try:
-            arr = np.load(self.path, allow_pickle=False, mmap_mode="r")   # .npz ignores mmap_mode
-            if isinstance(arr, np.lib.npyio.NpzFile):
-                with arr:
-                    if len(arr.files) != 1:
-                        raise InputError(f"{self.path}: .npz holds {len(arr.files)} arrays; it must hold exactly one")
-                    arr = arr[arr.files[0]]
-        except ValueError as e:
-            raise InputError(f"{self.path}: not a readable numeric array ({first_line(e)}); nsdedge never "
-                             f"unpickles") from None
-        except (OSError, EOFError, zipfile.BadZipFile) as e:      # truncated, or an .npz failing its CRC
-            raise InputError(f"{self.path}: not a readable .npy/.npz file ({type(e).__name__}: "
-                             f"{first_line(e)})") from None
+        from ..voxels import read_array
+
+        arr = read_array(self.path, what="image")       # .npy memory-mapped; .npz with one array; never unpickled
         if arr.ndim == 3:                             # grayscale (N, H, W)
             pass
         elif arr.ndim != 4 or (arr.shape[-1] != 3 and arr.shape[1] != 3):
