@@ -219,22 +219,36 @@ def _override_cuda_options(changes: list[str]) -> None:
     """`key=value` CUDA provider options over nsdedge's defaults, to measure what each default buys; and some
     that are not provider options: shared_arena=0 (each graph its own arena), mem_pattern=1 (onnxruntime's memory
     pattern for activations), arena.KEY=N (an OrtArenaCfg key of the shared arena), region=MB (the shared arena's
-    first region), weights=block (each graph's weights over 1 MB in one allocation: ort_session.WEIGHT_BLOCK_BYTES),
-    split=0 (low memory: the guided UNet batch whole, not in halves), probe=1 (first the memory of one more session
-    of the engine, opened, run and closed), arena_log=1 (onnxruntime's verbose log: each arena extension with the
-    request that caused it, kept in the side's result)."""
+    first region), weights=block|device (each graph's weights over 1 MB in one allocation, the default, or one
+    cudaMalloc each: ort_session.WEIGHT_BLOCK_BYTES), split=0 (low memory: the guided UNet batch whole, not in
+    halves), graph=0|1 and lowshared=0|1 (low memory: the UNet's CUDA graph, the shared arena; session.py's
+    LOW_MEMORY_CUDA_GRAPH / LOW_MEMORY_SHARED_ARENA), chunk=N (low memory: trials per stage, batch.LOW_MEMORY_CHUNK;
+    fewer than the batch shows what one chunk leaves the next), probe=1 (first the memory of one more session of
+    the engine, opened, run and closed), arena_log=1 (onnxruntime's verbose log: each arena extension with the
+    request that caused it, kept in the side's result), env.NAME=VALUE (an environment variable of the side's
+    process, e.g. env.CUBLAS_WORKSPACE_CONFIG=:0:0)."""
     import onnxruntime as ort
 
     from nsdedge.runtime import ort_session, session
 
     pairs = dict(c.split("=", 1) for c in changes)
     pairs.pop("probe", None)                                 # side_bundle_cuda's
-    if pairs.pop("weights", "") == "block":
-        ort_session.WEIGHT_BLOCK_BYTES = 1 << 20
+    for k in [k for k in pairs if k.startswith("env.")]:     # before onnxruntime starts CUDA
+        os.environ[k.removeprefix("env.")] = pairs.pop(k)
+    weights = pairs.pop("weights", "")
+    if weights in ("block", "device"):
+        ort_session.WEIGHT_BLOCK_BYTES = 1 << 20 if weights == "block" else None
     if "region" in pairs:
         region = int(pairs.pop("region")) << 20
         ort_session.SHARED_ARENA_CONFIG["initial_chunk_size_bytes"] = region
     pairs.pop("split", None)                                 # side_bundle_cuda's
+    from nsdedge.runtime import batch
+    if "graph" in pairs:
+        session.LOW_MEMORY_CUDA_GRAPH = pairs.pop("graph") == "1"
+    if "lowshared" in pairs:
+        session.LOW_MEMORY_SHARED_ARENA = pairs.pop("lowshared") == "1"
+    if "chunk" in pairs:
+        batch.LOW_MEMORY_CHUNK = int(pairs.pop("chunk"))
     if pairs.pop("arena_log", "0") == "1":
         ort.set_default_logger_severity(0)
     if pairs.pop("shared_arena", "1") == "0":
@@ -385,11 +399,14 @@ def main_cuda(a) -> None:
             if ref.exists() and img.exists() and "batch" not in s_name:
                 r["max_abs_pixel_diff_vs_diffusers_fp32"] = int(np.abs(np.load(img).astype(int) -
                                                                        np.load(ref).astype(int)).max())
-        for b in [s.removeprefix("nsdedge-") for s in result["sides"] if s.endswith("-batch")]:
-            batch = [work / f"{b}.npy", work / f"{b}-lowmem.npy"]
-            if all(f.exists() for f in batch):               # the two modes must make the same images
-                result.setdefault("batch_lowmem_max_abs_pixel_diff", {})[b] = int(
-                    np.abs(np.load(batch[0]).astype(int) - np.load(batch[1]).astype(int)).max())
+        for low in [s.removeprefix("nsdedge-") for s in result["sides"] if "-batch-lowmem" in s]:
+            prefix = low.split("-batch-lowmem")[0] + "-batch"    # a normal batch of the same bundle, this run's
+            normal = [s.removeprefix("nsdedge-") for s in result["sides"] if s.removeprefix("nsdedge-") == prefix
+                      or s.startswith(f"nsdedge-{prefix}+")]
+            if normal and (work / f"{normal[0]}.npy").exists() and (work / f"{low}.npy").exists():
+                a_, b_ = (np.load(work / f"{n}.npy").astype(int) for n in (normal[0], low))
+                result.setdefault("batch_lowmem_max_abs_pixel_diff", {})[f"{low} vs {normal[0]}"] = int(
+                    np.abs(a_ - b_).max())
         base = result["sides"].get("diffusers-fp16")
         if base:
             for r in result["sides"].values():

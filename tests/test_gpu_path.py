@@ -252,15 +252,40 @@ def test_on_a_gpu_provider_the_voxel_decoders_run_on_the_cpu(tiny_bundle, monkey
             session.open_session(tiny_bundle, "unet", "cuda")
 
 
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_cuda_sessions_ask_for_the_graph_and_arena_low_memory_is_set_to(tiny_bundle, monkeypatch, graph, shared):
+    """The UNet's CUDA graph and the shared arena: always in the normal mode, in low memory as the two switches say;
+    the VAE never captures a graph."""
+    from nsdedge.runtime import session
+
+    asked = []
+    monkeypatch.setattr(session, "resolve", lambda provider: provider)
+    monkeypatch.setattr(session, "OrtSession", lambda path, provider, **kw: asked.append(kw) or kw)
+    monkeypatch.setattr(session, "LOW_MEMORY_CUDA_GRAPH", graph)
+    monkeypatch.setattr(session, "LOW_MEMORY_SHARED_ARENA", shared)
+    for low in (False, True):
+        for component in ("unet", "vae_decoder"):
+            kw = session.open_session(tiny_bundle, component, "cuda", low_memory=low)
+            want_graph = component == "unet" and (not low or graph)
+            assert (kw["provider_options"].get("enable_cuda_graph") == "1") == want_graph, (low, component)
+            assert kw["shared_arena"] == (not low or shared)
+            assert kw["provider_options"]["cudnn_conv_algo_search"] == ("HEURISTIC" if low else "EXHAUSTIVE")
+    kw = session.open_session(tiny_bundle, "unet", "cuda", profile="/tmp/x")     # the profiler: node by node
+    assert "enable_cuda_graph" not in kw["provider_options"]
+
+
 def test_the_shared_cuda_arena_region_scales_with_the_latent_and_the_activation_type():
-    from nsdedge.runtime.ort_session import ARENA_REGION, ARENA_REGION_LOW
+    from nsdedge.runtime.ort_session import ARENA_REGION, ARENA_REGION_FP32, ARENA_REGION_LOW
     from nsdedge.runtime.session import arena_bytes
 
-    for size, precision, want in [((64, 64), "fp16", ARENA_REGION), ((64, 64), "fp32", 2 * ARENA_REGION),
-                                  ((96, 96), "fp16", int(ARENA_REGION * 2.25)), ((8, 8), "int8", ARENA_REGION // 32)]:
+    for size, precision, want, low in [((64, 64), "fp16", ARENA_REGION, ARENA_REGION_LOW),
+                                       ((64, 64), "fp32", ARENA_REGION_FP32, 2 * ARENA_REGION_LOW),
+                                       ((96, 96), "fp16", ARENA_REGION * 2.25, ARENA_REGION_LOW * 2.25),
+                                       ((8, 8), "int8", ARENA_REGION_FP32 / 64, ARENA_REGION_LOW / 32)]:
         fake = types.SimpleNamespace(latent_size=size, precision=precision)
-        assert arena_bytes(fake) == want >> 20 << 20
-        assert arena_bytes(fake, low_memory=True) == int(want * ARENA_REGION_LOW / ARENA_REGION) >> 20 << 20
+        assert arena_bytes(fake) == int(want) >> 20 << 20
+        assert arena_bytes(fake, low_memory=True) == int(low) >> 20 << 20
 
 
 def test_the_shared_cuda_arena_takes_one_region_size_capped_and_floored(monkeypatch):
@@ -293,6 +318,36 @@ def test_cuda_low_memory_and_cuda_graphs_match_the_cpu(tiny_bundle, tmp_path):
         assert np.abs(cuda(x, steps=4).astype(int) - cpu.astype(int)).max() <= 3
     lean = Reconstructor(tiny_bundle, "cuda", low_memory=True)(x, steps=4)
     assert np.abs(lean.astype(int) - cpu.astype(int)).max() <= 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph,shared", [(True, False), (True, True), (False, False)])
+def test_cuda_low_memory_with_or_without_its_graph_and_shared_arena_matches_the_cpu(tiny_bundle, tmp_path,
+                                                                                     monkeypatch, graph, shared):
+    """Each low-memory configuration compare.py measures (graph=, lowshared=): the CPU's images over two chunks
+    of a batch (the second runs on what the first left), the UNet captured where asked."""
+    from PIL import Image
+
+    from nsdedge.runtime import batch, session
+
+    pytest.importorskip("onnxruntime")
+    if session.probe("cuda") is not None:
+        pytest.skip(session.probe("cuda"))
+    monkeypatch.setattr(session, "LOW_MEMORY_CUDA_GRAPH", graph)
+    monkeypatch.setattr(session, "LOW_MEMORY_SHARED_ARENA", shared)
+    monkeypatch.setattr(batch, "LOW_MEMORY_CHUNK", 2)
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    np.save(tmp_path / "v.npy", x)
+    cpu = reconstruct(Reconstructor(tiny_bundle, "cpu"), tmp_path / "v.npy", tmp_path / "cpu", steps=4).written
+    lean = Reconstructor(tiny_bundle, "cuda", low_memory=True)
+    with lean.keep("unet"):
+        lean.denoise(lean.decode(x[:1]), steps=2)
+        assert lean.session("unet").cuda_graph == graph
+    reconstruct(lean, tmp_path / "v.npy", tmp_path / "lean", steps=4)
+    assert lean._sessions == {}
+    for a, b in zip(cpu, sorted((tmp_path / "lean").glob("*.png")), strict=True):
+        assert a.name == b.name
+        assert np.abs(np.asarray(Image.open(a)).astype(int) - np.asarray(Image.open(b)).astype(int)).max() <= 3
 
 
 @pytest.mark.gpu

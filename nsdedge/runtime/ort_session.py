@@ -64,7 +64,8 @@ def cuda_options(low_memory: bool = False, gpu_mem_limit: int | None = None, *, 
     """onnxruntime CUDA provider options, lean by default: the arena grows by what is asked (not to the next power
     of two), cuDNN's convolution workspace is capped (its default takes as much as the fastest algorithm wants,
     which at 512^2 is GBs for the VAE) and the UNet can replay one captured CUDA graph per batch size. Low memory
-    (edge boards) also searches convolution algorithms heuristically (the exhaustive search tries big workspaces)."""
+    (edge boards) also searches convolution algorithms heuristically (the exhaustive search tries big workspaces;
+    on an H100 it bought nothing there: 0.85 s per image against 0.70 over a 10-trial fp16 batch, same peak)."""
     opts: dict = {"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_use_max_workspace": "0",
                   "cudnn_conv_algo_search": "HEURISTIC" if low_memory else "EXHAUSTIVE"}
     if cuda_graph:
@@ -167,18 +168,23 @@ _SHARED_ARENA: dict[int, bool] = {}
 # OrtArenaCfg keys beside the first region (shared_cuda_arena): growth by doubling, chunks split to the byte (a chunk
 # serving a smaller request is split, not handed out whole), so that freed UNet activations serve the VAE's requests
 SHARED_ARENA_CONFIG = {"arena_extend_strategy": 0, "max_dead_bytes_per_chunk": 1 << 20}
-ARENA_REGION = 448 << 20          # SD 1.5 fp16 at 512^2 (below); session.arena_bytes scales it to a bundle
-# low memory mode: a batch-1 UNet (the guidance halves one after the other), then the VAE. Measured on an H100 (fp16
-# 512^2, weights in blocks): the UNet stage peaked at 2004 MB with a first region of 256 MB (its activations fit),
-# 2132 with 128 (+256) and 2196 with 64 (+128 +256)
+# The first region for SD 1.5 at 512^2 (session.arena_bytes scales it to a bundle's latent): fp16 activations, and
+# fp32 ones. Measured on an H100 (2026-11-27, weights in blocks, benchmarks/results/cuda-h100-lean.json): fp16 peaked
+# at 2424 MB with 384, 2458 with 416 and 2488 with 448 (the UNet's and the VAE's activations fit in each); fp32 (the
+# portable bundle) needs more than 896 MB and peaked 1 GB below an arena growing by request with 896.
+ARENA_REGION = 384 << 20
+ARENA_REGION_FP32 = 896 << 20
+# low memory with the shared arena (session.LOW_MEMORY_SHARED_ARENA, off by default): a batch-1 UNet (the guidance
+# halves one after the other), then the VAE. Measured on an H100 (fp16 512^2, weights in blocks): the UNet stage
+# peaked at 2004 MB with a first region of 256 MB (its activations fit), 2132 with 128 (+256) and 2196 with 64
 ARENA_REGION_LOW = 256 << 20
 ARENA_REGION_MAX = 1 << 30
 # On CUDA, a graph's weights of at least this many bytes in one allocation (device_weights.py) instead of one
-# cudaMalloc each; None: off (benchmarks/compare.py's +weights=block sets 1 MB). Measured on an H100 through a
-# benchmark hook that freed the blocks after every session was gone: SD 1.5 fp16 peaked at 2402 MB instead of 2686,
-# with the same images. Off until a GPU run checks this form, where a block is freed when its session closes: its
-# first version freed blocks under native sessions still alive (kept by their NodeArgs) and two of three portable
-# fp32 runs died without a message; close() now waits for the session (tests/test_gpu_path.py has the @gpu test).
+# cudaMalloc each (None: one cudaMalloc each; benchmarks/compare.py's +weights=device). Measured on an H100
+# (2026-11-27, SD 1.5 fp16 512^2, the same run): peak 2488 MB instead of 2684 at 0.221 against 0.215 s per image,
+# batch images within one level; the portable fp32 bundle 5736 MB instead of 6002; the @gpu tests (blocks freed as
+# sessions close, low memory closing them between stages) passed there.
+WEIGHT_BLOCK_BYTES: int | None = 1 << 20
 WEIGHT_BLOCK_BYTES: int | None = None
 
 
@@ -256,8 +262,10 @@ class OrtSession:
             from .device_weights import WeightBlock
 
             try:
-                self._weights = WeightBlock(path, "cuda", WEIGHT_BLOCK_BYTES)
-                self._weights.supply(opts)
+                block = WeightBlock(path, "cuda", WEIGHT_BLOCK_BYTES)
+                if block.values:                 # (a small graph has no weight over the threshold)
+                    block.supply(opts)
+                    self._weights = block
             except (OSError, MemoryError, RuntimeError, ValueError) as e:
                 log.warning("%s: weights one cudaMalloc each (%s)", Path(path).name, e)
                 self._weights = None

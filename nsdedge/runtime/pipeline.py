@@ -45,7 +45,7 @@ class Reconstructor:
     `low_memory`: one graph loaded at a time (a batch then runs stage by stage: see keep()); on the CUDA provider
     the two halves of a guided UNet batch also run one after the other, at batch 1 (split_guidance: half the
     activations; the images then differ from the normal mode's by a level or two, as batch 1 and 2 kernels round
-    differently)."""
+    differently), with the UNet's CUDA graph and each graph in an arena of its own (session.LOW_MEMORY_*)."""
 
     def __init__(self, bundle: str | Path, provider: str = "auto", *, verify: bool = True,
                  low_memory: bool = False, threads: int | None = None, observer: Observer | None = None,

@@ -121,8 +121,9 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
 
     `manifest`: the bundle's, if already read (else read without hashing). `file`: another graph file in the
     bundle's folder standing in for the component's own (quantization compares a converted graph with it).
-    `low_memory`: provider settings for small devices (heuristic cuDNN search, no CUDA graph, smaller arena
-    regions). Graphs on CUDA share one arena (ort_session.shared_cuda_arena).
+    `low_memory`: provider settings for small devices (heuristic cuDNN search, smaller arena regions; the CUDA
+    graph and the shared arena as LOW_MEMORY_CUDA_GRAPH / LOW_MEMORY_SHARED_ARENA say). Otherwise graphs on CUDA
+    share one arena (ort_session.shared_cuda_arena).
     On a GPU provider the voxel decoders run on onnxruntime's CPU provider: one small GEMM chain per trial (under
     a millisecond for a rank-256 ridge), while a GPU session of their own costs device memory beyond its weights
     for the whole run (on an H100: 84 MB at the peak for a 14 MB decoder).
@@ -166,20 +167,34 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
         options = tensorrt_options(manifest, component, cache)
     elif provider == "cuda":
         # the UNet runs the same shapes every step: one captured CUDA graph per batch size replays it
-        options = cuda_options(low_memory, cuda_graph=component == "unet" and not low_memory and not profile)
+        graph = component == "unet" and not profile and (not low_memory or LOW_MEMORY_CUDA_GRAPH)
+        options = cuda_options(low_memory, cuda_graph=graph)
     return OrtSession(path, provider, threads=threads, provider_options=options, profile=profile,
-                      shared_arena=True, arena_bytes=arena_bytes(manifest, low_memory))
+                      shared_arena=not low_memory or LOW_MEMORY_SHARED_ARENA,
+                      arena_bytes=arena_bytes(manifest, low_memory))
+
+
+# Low memory on CUDA (a batch runs stage-major: the UNet stays loaded for every trial of a chunk, then the VAE):
+# whether the UNet replays a captured CUDA graph there too, and whether its graphs draw activations from the
+# process's shared arena (whose regions outlive the session) or from an arena of their own, freed with the session.
+# Measured on an H100 (2026-11-27, SD 1.5 fp16 512^2, 10-trial batch, weights in blocks; benchmarks/results/
+# cuda-h100-lean.json): graph + own arena 0.698 s per image at a 2004 MB peak, against 0.663 s for the normal
+# mode's batch; graph + shared arena 0.749 s, 2056 MB; neither 0.773 s, 2086 MB. With a chunk of 4 trials the
+# shared arena grew to 2572 MB (the VAE stage's regions stay for the next chunk's UNet), its own arena 2010 MB.
+LOW_MEMORY_CUDA_GRAPH = True
+LOW_MEMORY_SHARED_ARENA = False
 
 
 def arena_bytes(manifest: Manifest, low_memory: bool = False) -> int:
-    """The shared CUDA arena's region for this bundle: what SD 1.5's UNet and VAE needed for one 512^2 image in
-    fp16 (ort_session.ARENA_REGION, or ARENA_REGION_LOW in low memory mode), scaled by the latent's area and by 2
-    where activations are fp32."""
-    from .ort_session import ARENA_REGION, ARENA_REGION_LOW
+    """The shared CUDA arena's first region for this bundle: what SD 1.5's UNet and VAE needed for one 512^2 image
+    (ort_session.ARENA_REGION for fp16 activations, ARENA_REGION_FP32 otherwise; in low memory ARENA_REGION_LOW, twice
+    that for fp32), scaled by the latent's area."""
+    from .ort_session import ARENA_REGION, ARENA_REGION_FP32, ARENA_REGION_LOW
 
     h, w = manifest.latent_size
-    scale = h * w / 64 ** 2 * (1 if manifest.precision == "fp16" else 2)
-    return int((ARENA_REGION_LOW if low_memory else ARENA_REGION) * scale) >> 20 << 20
+    fp16 = manifest.precision == "fp16"
+    base = ARENA_REGION_LOW * (1 if fp16 else 2) if low_memory else ARENA_REGION if fp16 else ARENA_REGION_FP32
+    return int(base * h * w / 64 ** 2) >> 20 << 20
 
 
 # Names of earlier releases, kept for their callers.
