@@ -350,6 +350,18 @@ def side_bundle_cuda(a, name: str) -> dict:
             "onnxruntime": ort.__version__}
 
 
+LOW_MEMORY_KNOBS = ("graph", "lowshared", "chunk", "split")
+
+
+def _normal_batch(low: str, ran: list[str]) -> str | None:
+    """The normal-mode batch side to compare low-memory side `low` with: the same bundle and provider with the
+    same knobs (less those only low memory reads), else the same bundle and provider without knobs."""
+    name, *knobs = low.split("+")
+    base = name.replace("-batch-lowmem", "-batch", 1)
+    same = "+".join([base, *[k for k in knobs if k.split("=")[0] not in LOW_MEMORY_KNOBS]])
+    return next((s for s in (same, base) if s in ran), None)
+
+
 def main_cuda(a) -> None:
     """Each side in its own process, in the order given (the most wanted first: a lease can end mid-run);
     results are rewritten after every side."""
@@ -399,13 +411,12 @@ def main_cuda(a) -> None:
             if ref.exists() and img.exists() and "batch" not in s_name:
                 r["max_abs_pixel_diff_vs_diffusers_fp32"] = int(np.abs(np.load(img).astype(int) -
                                                                        np.load(ref).astype(int)).max())
-        for low in [s.removeprefix("nsdedge-") for s in result["sides"] if "-batch-lowmem" in s]:
-            prefix = low.split("-batch-lowmem")[0] + "-batch"    # a normal batch of the same bundle, this run's
-            normal = [s.removeprefix("nsdedge-") for s in result["sides"] if s.removeprefix("nsdedge-") == prefix
-                      or s.startswith(f"nsdedge-{prefix}+")]
-            if normal and (work / f"{normal[0]}.npy").exists() and (work / f"{low}.npy").exists():
-                a_, b_ = (np.load(work / f"{n}.npy").astype(int) for n in (normal[0], low))
-                result.setdefault("batch_lowmem_max_abs_pixel_diff", {})[f"{low} vs {normal[0]}"] = int(
+        ran = [s.removeprefix("nsdedge-") for s in result["sides"]]
+        for low in [s for s in ran if "-batch-lowmem" in s.split("+")[0]]:
+            normal = _normal_batch(low, ran)                     # the same bundle and knobs, this run's
+            if normal and (work / f"{normal}.npy").exists() and (work / f"{low}.npy").exists():
+                a_, b_ = (np.load(work / f"{n}.npy").astype(int) for n in (normal, low))
+                result.setdefault("batch_lowmem_max_abs_pixel_diff", {})[f"{low} vs {normal}"] = int(
                     np.abs(a_ - b_).max())
         base = result["sides"].get("diffusers-fp16")
         if base:

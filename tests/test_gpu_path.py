@@ -225,6 +225,54 @@ def test_a_weight_block_is_what_onnxruntime_computes_with(tiny_bundle):
     assert not block.values
 
 
+def test_a_truncated_weight_file_is_refused_before_any_copy(tiny_bundle, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from nsdedge.runtime.device_weights import WeightBlock
+
+    onnx.save(onnx.load(str(tiny_bundle / "unet.onnx")), str(tmp_path / "unet.onnx"), save_as_external_data=True,
+              location="unet.onnx.data", size_threshold=1024)
+    data = tmp_path / "unet.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4096])
+    with pytest.raises(ValueError, match="unet.onnx.data ends before weight"):
+        WeightBlock(tmp_path / "unet.onnx", "cpu", min_bytes=0)
+
+
+def test_a_graph_whose_block_cannot_be_made_loads_its_weights_itself_said_once(tiny_bundle, tmp_path, monkeypatch,
+                                                                              caplog):
+    """_weight_block (the CUDA path): no block for a graph without weights over the threshold, and where one
+    cannot be made (no CUDA runtime here; a damaged file) None and one warning per process, nothing supplied."""
+    from nsdedge.runtime import device_weights
+
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(ort_session, "_WARNED", set())
+    made = []
+    real = device_weights.WeightBlock
+    monkeypatch.setattr(device_weights, "WeightBlock", lambda path, device, n: made.append(real(path, "cpu", n))
+                        or made[-1])
+    monkeypatch.setattr(ort_session, "WEIGHT_BLOCK_BYTES", 1 << 30)          # nothing that large: no block
+    assert ort_session._weight_block(tiny_bundle / "vae_decoder.onnx", ort.SessionOptions()) is None
+    assert made and not made[-1].values
+    monkeypatch.setattr(ort_session, "WEIGHT_BLOCK_BYTES", 0)
+    block = ort_session._weight_block(tiny_bundle / "vae_decoder.onnx", ort.SessionOptions())
+    assert block is made[-1] and block.values
+    block.free()
+    (tmp_path / "bad.onnx").write_bytes(b"\x0a\xff\xff\xff")                 # a length running past the end
+    monkeypatch.setattr(device_weights, "WeightBlock", real)
+    with caplog.at_level("WARNING", logger=ort_session.log.name):
+        for _ in range(2):
+            assert ort_session._weight_block(tmp_path / "bad.onnx", ort.SessionOptions()) is None
+    assert len([r for r in caplog.records if "weights one cudaMalloc each" in r.getMessage()]) == 1
+
+
+def test_the_cuda_defaults_are_the_measured_ones():
+    """What benchmarks/results/cuda-h100-lean.json measured as the best (README, benchmarks/README.md)."""
+    from nsdedge.runtime import session
+
+    assert ort_session.WEIGHT_BLOCK_BYTES == 1 << 20
+    assert ort_session.ARENA_REGION == 384 << 20 and ort_session.ARENA_REGION_FP32 == 896 << 20
+    assert session.LOW_MEMORY_CUDA_GRAPH is True and session.LOW_MEMORY_SHARED_ARENA is False
+
+
 def test_closing_a_session_frees_its_weight_block_after_the_session(tiny_bundle):
     freed = []
     sess = OrtSession(tiny_bundle / "vae_decoder.onnx", "cpu")
@@ -321,11 +369,13 @@ def test_cuda_low_memory_and_cuda_graphs_match_the_cpu(tiny_bundle, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graph,shared", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("graph,shared,blocks", [(True, False, 0), (True, True, None), (False, False, None)])
 def test_cuda_low_memory_with_or_without_its_graph_and_shared_arena_matches_the_cpu(tiny_bundle, tmp_path,
-                                                                                     monkeypatch, graph, shared):
-    """Each low-memory configuration compare.py measures (graph=, lowshared=): the CPU's images over two chunks
-    of a batch (the second runs on what the first left), the UNet captured where asked."""
+                                                                                     monkeypatch, graph, shared,
+                                                                                     blocks):
+    """Each low-memory configuration compare.py measures (graph=, lowshared=, weights=): the CPU's images over two
+    chunks of a batch (the second runs on what the first left), the UNet captured where asked (the default: graph,
+    own arenas, every weight of the tiny graphs in a block)."""
     from PIL import Image
 
     from nsdedge.runtime import batch, session
@@ -336,6 +386,7 @@ def test_cuda_low_memory_with_or_without_its_graph_and_shared_arena_matches_the_
     monkeypatch.setattr(session, "LOW_MEMORY_CUDA_GRAPH", graph)
     monkeypatch.setattr(session, "LOW_MEMORY_SHARED_ARENA", shared)
     monkeypatch.setattr(batch, "LOW_MEMORY_CHUNK", 2)
+    monkeypatch.setattr(ort_session, "WEIGHT_BLOCK_BYTES", blocks)
     x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
     np.save(tmp_path / "v.npy", x)
     cpu = reconstruct(Reconstructor(tiny_bundle, "cpu"), tmp_path / "v.npy", tmp_path / "cpu", steps=4).written
@@ -343,6 +394,7 @@ def test_cuda_low_memory_with_or_without_its_graph_and_shared_arena_matches_the_
     with lean.keep("unet"):
         lean.denoise(lean.decode(x[:1]), steps=2)
         assert lean.session("unet").cuda_graph == graph
+        assert (lean.session("unet")._weights is not None) == (blocks == 0)
     reconstruct(lean, tmp_path / "v.npy", tmp_path / "lean", steps=4)
     assert lean._sessions == {}
     for a, b in zip(cpu, sorted((tmp_path / "lean").glob("*.png")), strict=True):
@@ -362,6 +414,7 @@ def test_cuda_weight_blocks_give_the_same_images_and_close_cleanly(tiny_bundle, 
     if probe("cuda") is not None:
         pytest.skip(probe("cuda"))
     x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
+    monkeypatch.setattr(ort_session, "WEIGHT_BLOCK_BYTES", None)
     plain = Reconstructor(tiny_bundle, "cuda")(x, steps=4).astype(int)
     monkeypatch.setattr(ort_session, "WEIGHT_BLOCK_BYTES", 0)
     rec = Reconstructor(tiny_bundle, "cuda")

@@ -202,6 +202,8 @@ class WeightBlock:
                 if w.file not in files:
                     files[w.file] = np.memmap(w.file, np.uint8, "r")
                 src = files[w.file][w.offset:w.offset + w.nbytes]
+                if src.nbytes != w.nbytes:                       # a truncated external data file
+                    raise ValueError(f"{w.file.name} ends before weight {w.name}")
                 if device == "cuda":
                     if self._rt.cudaMemcpy(ctypes.c_void_p(self._base + off), ctypes.c_void_p(src.ctypes.data),
                                            ctypes.c_size_t(w.nbytes), 1) != 0:          # cudaMemcpyHostToDevice

@@ -165,6 +165,7 @@ def _missing_library(ort, provider: str) -> str | None:
 
 # -- one CUDA arena for all the graphs of a process -------------------------------------------------------------
 _SHARED_ARENA: dict[int, bool] = {}
+_WARNED: set[str] = set()
 # OrtArenaCfg keys beside the first region (shared_cuda_arena): growth by doubling, chunks split to the byte (a chunk
 # serving a smaller request is split, not handed out whole), so that freed UNet activations serve the VAE's requests
 SHARED_ARENA_CONFIG = {"arena_extend_strategy": 0, "max_dead_bytes_per_chunk": 1 << 20}
@@ -185,7 +186,6 @@ ARENA_REGION_MAX = 1 << 30
 # batch images within one level; the portable fp32 bundle 5736 MB instead of 6002; the @gpu tests (blocks freed as
 # sessions close, low memory closing them between stages) passed there.
 WEIGHT_BLOCK_BYTES: int | None = 1 << 20
-WEIGHT_BLOCK_BYTES: int | None = None
 
 
 def shared_cuda_arena(ort, device: int = 0, region_bytes: int | None = None) -> bool:
@@ -215,6 +215,31 @@ def shared_cuda_arena(ort, device: int = 0, region_bytes: int | None = None) -> 
             log.warning("onnxruntime could not share one CUDA arena between graphs (%s); each keeps its own", e)
             _SHARED_ARENA[device] = False
     return _SHARED_ARENA[device]
+
+
+def _weight_block(path: Path, opts) -> object | None:
+    """The graph's weights over WEIGHT_BLOCK_BYTES in one device block, supplied to `opts`; None where it has
+    none, or where the block cannot be made: then onnxruntime loads every weight itself, as without blocks, and a
+    damaged file is its error to report (said once per process)."""
+    from .device_weights import WeightBlock
+
+    def fallback(e: Exception) -> None:
+        if "weight block" not in _WARNED:
+            _WARNED.add("weight block")
+            log.warning("%s: weights one cudaMalloc each (%s: %s)", path.name, type(e).__name__, first_line(e, 200))
+
+    try:
+        block = WeightBlock(path, "cuda", WEIGHT_BLOCK_BYTES)        # frees what it allocated if it fails
+    except Exception as e:  # noqa: BLE001  the CUDA runtime, onnxruntime and a damaged file raise their own types
+        return fallback(e)
+    if not block.values:                                             # a small graph: no weight over the threshold
+        block.free()
+        return None
+    try:
+        block.supply(opts)
+    except Exception as e:  # noqa: BLE001  the weights supplied so far view the block: it stays with the session
+        fallback(e)
+    return block
 
 
 @dataclass(frozen=True)
@@ -259,16 +284,7 @@ class OrtSession:
                 opts.add_session_config_entry("session.use_env_allocators", "1")
         self._weights = None
         if provider == "cuda" and WEIGHT_BLOCK_BYTES is not None and not isinstance(path, bytes):
-            from .device_weights import WeightBlock
-
-            try:
-                block = WeightBlock(path, "cuda", WEIGHT_BLOCK_BYTES)
-                if block.values:                 # (a small graph has no weight over the threshold)
-                    block.supply(opts)
-                    self._weights = block
-            except (OSError, MemoryError, RuntimeError, ValueError) as e:
-                log.warning("%s: weights one cudaMalloc each (%s)", Path(path).name, e)
-                self._weights = None
+            self._weights = _weight_block(Path(path), opts)
         if threads:
             opts.intra_op_num_threads = threads
         elif provider == "cpu":

@@ -121,9 +121,9 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
 
     `manifest`: the bundle's, if already read (else read without hashing). `file`: another graph file in the
     bundle's folder standing in for the component's own (quantization compares a converted graph with it).
-    `low_memory`: provider settings for small devices (heuristic cuDNN search, smaller arena regions; the CUDA
-    graph and the shared arena as LOW_MEMORY_CUDA_GRAPH / LOW_MEMORY_SHARED_ARENA say). Otherwise graphs on CUDA
-    share one arena (ort_session.shared_cuda_arena).
+    `low_memory`: provider settings for small devices (heuristic cuDNN search; by default each graph in an arena
+    of its own that grows by request and is freed with it, and the UNet's CUDA graph: LOW_MEMORY_SHARED_ARENA /
+    LOW_MEMORY_CUDA_GRAPH). Otherwise graphs on CUDA share one arena (ort_session.shared_cuda_arena).
     On a GPU provider the voxel decoders run on onnxruntime's CPU provider: one small GEMM chain per trial (under
     a millisecond for a rank-256 ridge), while a GPU session of their own costs device memory beyond its weights
     for the whole run (on an H100: 84 MB at the peak for a 14 MB decoder).
