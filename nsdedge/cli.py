@@ -310,7 +310,8 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
     def progress(step: str) -> None:
         click.echo(f"[{time.perf_counter() - t0:7.1f}s] {step}", err=True)
 
-    progress("loading weights")
+    # no progress line before the weights are loaded and export_bundle has checked its settings: bad input is one
+    # line on stderr (the first line after them shows how long loading took)
     try:
         from .export.build import export_bundle
         from .export.decoder_export import read_any_decoder

@@ -105,3 +105,38 @@ def test_a_failed_export_removes_the_folders_it_made(tmp_path):
                 raise RuntimeError("a late failure")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["theirs.txt"]
+
+
+def test_export_with_bad_weights_or_settings_prints_only_the_error(tiny_weights, tmp_path):
+    """No progress line comes before what is checked (weights, then export's settings): stderr is the one error."""
+    from tests.conftest import one_line_error, run_cli
+
+    sd = tmp_path / "sd15"
+    shutil.copytree(tiny_weights["sd"], sd)
+    unet = next((sd / "unet").glob("*.safetensors"))
+    state = load_file(unet)
+    gone = next(iter(state))
+    save_file({k: v for k, v in state.items() if k != gone}, unet, metadata={"format": "pt"})
+    common = ["--ip-adapter", str(tiny_weights["ip_safetensors"]), "--image-encoder", str(tiny_weights["image_encoder"]),
+              "--decoder", f"subj01={tiny_weights['decoder-synth01']}"]
+    one_line_error(run_cli("export", "--sd", str(sd), *common, "--out", str(tmp_path / "a")), "missing keys", gone)
+    one_line_error(run_cli("export", "--sd", str(tiny_weights["sd"]), *common, "--resolution", "99",
+                           "--out", str(tmp_path / "b")), "--resolution 99")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_adapter_for_another_token_width_is_refused_before_tracing(tmp_path):
+    """An SD 1.5 IP-Adapter (768-wide tokens) with a UNet whose cross-attention takes another width (SD 2.x: 1024):
+    one WeightsError naming both widths, before anything is traced or written."""
+    from diffusers import UNet2DConditionModel
+
+    from nsdedge.export.build import export_bundle
+    from nsdedge.export.presets import build_preset
+
+    src = build_preset("tiny")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        src.unet = UNet2DConditionModel.from_config({**src.unet.config, "cross_attention_dim": 512}).eval()
+    with pytest.raises(WeightsError, match="tokens 768 wide, the UNet's cross-attention takes 512"):
+        export_bundle(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
