@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -370,8 +371,12 @@ def main_cuda(a) -> None:
     prepare(a, precisions)
     if a.batch:                   # (from the manifest: this process opens nothing on the GPU the sides measure)
         save_batch_voxels(work, a.batch)
+    # TensorRT where installed (not probed here: this process opens nothing on the GPU the sides measure; a side
+    # whose provider cannot start is recorded under "failed")
+    trt = importlib.util.find_spec("tensorrt") is not None
     sides = a.sides.split(",") if a.sides else (
         ["diffusers-fp16", *[p for p in precisions], "diffusers-fp32", "diffusers-fp16-compile"] +
+        ([f"{p}@tensorrt" for p in precisions if not p.startswith("cu-")] if trt else []) +
         ([f"{p}-batch{m}" for p in precisions if p.endswith("fp16") for m in ("", "-lowmem")] if a.batch else []))
     result = {"machine": None, "device": "cuda", "resolution": a.resolution, "steps": a.steps,
               "guidance": a.guidance, "scheduler": "ddim", "images": a.images, "batch": a.batch,

@@ -529,6 +529,10 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, vae, seed
     given = {"steps": steps, "guidance": guidance, "ip_scale": ip_scale, "scheduler": scheduler, "vae": vae}
     check_job(tr, out, Settings(seed=seed, **given))
     _quiet_onnxruntime()
+    if provider != "auto":                   # a named provider that cannot start: said before any bundle work
+        from .runtime.session import resolve
+
+        resolve(provider)
     if bundle is None:
         click.echo(RANDOM_WEIGHTS_NOTICE, err=True)
     rec = Reconstructor(bundle or default_bundle(), provider=provider, low_memory=low_memory, verify=not no_verify,

@@ -31,6 +31,26 @@ def _version(names: tuple[str, ...]) -> tuple[str, str | None]:
     return names[0], None
 
 
+ORT_WHEELS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino")
+
+
+def _conflicts() -> list[str]:
+    """Installs that break a provider whatever the probe says next time: onnxruntime's wheels all write the one
+    `onnxruntime` package, so with two of them whichever was installed last runs (e.g. the export extra's CPU
+    onnxruntime over onnxruntime-gpu), and removing one deletes files the other needs."""
+    installed = []
+    for name in ORT_WHEELS:
+        try:
+            installed.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if len(installed) < 2:
+        return []
+    return [f"{' and '.join(installed)} are all installed; they share one package folder and the last installed "
+            f"wins: keep one (GPU: pip uninstall -y {' '.join(ORT_WHEELS)} && pip install "
+            f"'onnxruntime-gpu[cuda,cudnn]')"]
+
+
 def _providers() -> list[dict]:
     """Each nsdedge provider: does it start here, and if not, why (one line)."""
     from .runtime.ort_session import ORT_PROVIDERS, onnxruntime, probe
@@ -148,6 +168,7 @@ def report() -> dict:
                 else os.cpu_count(), "flags": cpu_flags()},
         "packages": dict(_version(names) for names in PACKAGES),
         "providers": _providers(),
+        "conflicts": _conflicts(),
         "gpus": _gpus(),
         "disk": {"huggingface_cache": _disk(hf_cache), "nsdedge_cache": _disk(nsd_cache)},
         "hub_weights": hub,
@@ -165,6 +186,7 @@ def format_report(r: dict) -> str:
         f"{g['name']} ({g['error']})" if "error" in g else
         f"{g['name']} ({g['memory_gb']} GB, {g['free_gb']} free, sm {g['compute_capability']})" for g in gpus)
         or "none"))
+    lines += [f"warning: {c}" for c in r.get("conflicts", [])]
     lines.append("providers (--provider):")
     for p in r["providers"]:
         extra = f" [{', '.join(p['devices'])}]" if p.get("devices") else ""

@@ -24,6 +24,19 @@ def test_one_trial_to_png(tiny_bundle, trial, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png", "trial.npy"]
 
 
+def test_low_memory_from_the_command_line_writes_the_same_images_and_says_the_provider(tiny_bundle, tmp_path):
+    """`run --low-memory` (stage-major on the CPU provider: the same bytes) and `--provider auto` names what ran."""
+    vox = tmp_path / "v.npy"
+    np.save(vox, np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32))
+    normal = _run(tiny_bundle, vox, tmp_path / "normal", "--provider", "auto")
+    lean = _run(tiny_bundle, vox, tmp_path / "lean", "--low-memory", "--provider", "auto")
+    for r, out in ((normal, "normal"), (lean, "lean")):
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip().endswith(f"wrote 3 image(s) to {tmp_path / out} (provider cpu)"), r.stdout
+    for name in ("0000.png", "0001.png", "0002.png"):
+        assert (tmp_path / "normal" / name).read_bytes() == (tmp_path / "lean" / name).read_bytes()
+
+
 def test_batch_to_directory_and_resume(tiny_bundle, tmp_path):
     vox = tmp_path / "many.npz"
     np.savez(vox, betas=np.random.default_rng(1).standard_normal((3, 256)))      # float64, as NSD files are

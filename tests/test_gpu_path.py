@@ -56,6 +56,7 @@ def test_a_compiled_in_provider_that_cannot_start_is_not_available(gpu_wheel):
         resolve("tensorrt")
     msg = str(e.value)
     assert "TensorrtExecutionProvider does not start" in msg and "libnvinfer.so.10" in msg and "\n" not in msg
+    assert "pip install 'nsdedge[gpu,trt]'" in msg                     # TensorRT's own wheels, not only [gpu]
     # nothing starts but the CPU: auto says cpu, a named GPU provider is an error naming what is missing
     gpu_wheel(set())
     assert resolve("auto") == "cpu" and available() == ["cpu"]
@@ -87,6 +88,11 @@ def test_a_gpu_provider_here_is_a_one_line_error(trial, tiny_bundle, tmp_path):
                 "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2 and r.stderr.startswith("error: provider 'cuda' is not available")
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+    # without --bundle: refused before the default bundle is built (minutes of export for nothing)
+    r = run_cli("run", "--voxels", str(trial), "--provider", "cuda", "--out", str(tmp_path / "y.png"),
+                env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 2 and r.stderr.startswith("error: provider 'cuda' is not available"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "cache" / "nsdedge").exists()
 
 
 def test_device_buffers_give_the_same_outputs_and_never_stale_constants(tiny_bundle):

@@ -171,3 +171,20 @@ def test_doctor(tmp_path):
     r = run_cli("doctor", env=env)
     assert r.returncode == 0 and "providers (--provider):" in r.stdout and "cpu       starts" in r.stdout
     assert sorted(tmp_path.rglob("*")) == before          # nothing written
+
+
+def test_doctor_warns_of_two_onnxruntime_wheels_in_one_environment(monkeypatch):
+    """`pip install ".[gpu,export]"` puts the export extra's CPU onnxruntime beside onnxruntime-gpu: the last
+    installed wins the shared package folder, so doctor says so and how to keep one."""
+    import importlib.metadata
+
+    from nsdedge import doctor
+
+    real = importlib.metadata.version
+    fake = {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: fake[name] if name in fake else real(name))
+    (warning,) = doctor._conflicts()
+    assert "onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1" in warning and "pip uninstall -y onnxruntime" in warning
+    assert f"warning: {warning}" in doctor.format_report({**doctor.report(), "conflicts": [warning]})
+    fake.pop("onnxruntime-gpu")
+    assert doctor._conflicts() == []

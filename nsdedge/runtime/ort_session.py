@@ -120,11 +120,14 @@ def probe(provider: str) -> str | None:
     return _PROBED[provider]
 
 
+INSTALL = {"cuda": "gpu", "tensorrt": "gpu,trt"}       # the extras that bring each provider (CUDA 13; -cu12 too)
+
+
 def _probe(ort, provider: str) -> str | None:
     ep = ORT_PROVIDERS[provider]
     if ep not in ort.get_available_providers():
         return (f"this onnxruntime {ort.__version__} has no {ep} (it offers "
-                f"{', '.join(ort.get_available_providers())}); pip install 'nsdedge[gpu]'")
+                f"{', '.join(ort.get_available_providers())}); pip install 'nsdedge[{INSTALL[provider]}]'")
     _preload(ort, provider)
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
@@ -138,7 +141,8 @@ def _probe(ort, provider: str) -> str | None:
     except Exception as e:  # noqa: BLE001  onnxruntime raises its own exception types
         error = first_line(e, 10 ** 6)
     missing = _missing_library(ort, provider)
-    return f"{ep} does not start: {missing or error}"
+    hint = f" (pip install 'nsdedge[{INSTALL[provider]}]')" if "libnvinfer" in (missing or error) else ""
+    return f"{ep} does not start: {missing or error}{hint}"
 
 
 def _preload(ort, provider: str) -> None:

@@ -50,6 +50,8 @@ class Reconstructor:
     def __init__(self, bundle: str | Path, provider: str = "auto", *, verify: bool = True,
                  low_memory: bool = False, threads: int | None = None, observer: Observer | None = None,
                  engine_cache: str | Path | None = None, engine_batches: tuple[int, ...] = (1, 2)):
+        if provider != "auto":
+            resolve(provider)                # a named provider that cannot start: said before the bundle is hashed
         self.path = Path(bundle)
         self.engine_cache = Path(engine_cache) if engine_cache else self.path / "engines"
         self.engine_batches = tuple(engine_batches)
