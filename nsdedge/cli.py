@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -1036,6 +1037,11 @@ def eval_(recons, stimuli, reference, preset, weights_dir, pixel_only, json_out,
 
 
 def main() -> None:
+    # onnxruntime >= 1.29 sends 1DS telemetry on Linux and macOS, and writes a device id into the user's cache as it
+    # is imported, unless ORT_DISABLE_TELEMETRY is set before it starts (measured with 1.32: the id file appears
+    # without it, not with it). The command line sets it for its own process and the processes it starts (a local
+    # Ray); a value the user set stands. The Python API leaves the environment alone (README: Privacy).
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         cli.main(standalone_mode=False, prog_name="nsdedge")
     except NsdedgeError as e:

@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -188,3 +190,20 @@ def test_doctor_warns_of_two_onnxruntime_wheels_in_one_environment(monkeypatch):
     assert f"warning: {warning}" in doctor.format_report({**doctor.report(), "conflicts": [warning]})
     fake.pop("onnxruntime-gpu")
     assert doctor._conflicts() == []
+
+
+def test_the_command_line_keeps_onnxruntime_telemetry_off_unless_the_user_set_it(tmp_path, monkeypatch):
+    """onnxruntime >= 1.29 writes a device id into the user's cache (and sends 1DS events) unless
+    ORT_DISABLE_TELEMETRY is set before it starts: nsdedge's command line sets it; a user's own value stands."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
+    r = run_cli("doctor", env={"XDG_CACHE_HOME": str(tmp_path / "a")})
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "a" / "Microsoft").exists()
+    probe = ("import os, sys; sys.argv = ['nsdedge', '--help']; from nsdedge import cli\n"
+             "try: cli.main()\nexcept SystemExit: pass\nprint(os.environ['ORT_DISABLE_TELEMETRY'])")
+    for given, want in ((None, "1"), ("0", "0")):
+        env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+        env.update({"ORT_DISABLE_TELEMETRY": given} if given else {})
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.strip().splitlines()[-1] == want
