@@ -13,6 +13,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
+@pytest.hookimpl(trylast=True)                  # after `-m` has deselected: only a `pytest -m gpu` run gets here
+def pytest_collection_modifyitems(config, items):
+    """`@gpu` tests skip at once where no GPU backend can start (onnxruntime's CUDA provider probed, no tensorrt):
+    otherwise each would build its bundles (minutes of export) before its own skip. Each test still checks the
+    provider it needs."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    import importlib.util
+
+    from nsdedge.errors import NsdedgeError
+    from nsdedge.runtime.ort_session import probe
+
+    try:
+        why = probe("cuda")
+    except NsdedgeError as e:                  # no onnxruntime at all
+        why = str(e)
+    if why is None or importlib.util.find_spec("tensorrt") is not None:
+        return
+    for item in gpu:
+        item.add_marker(pytest.mark.skip(reason=f"no GPU backend starts here: {why}"))
+
 def pytest_configure(config):
     """Under pytest-xdist (the README's `-n 2`) each worker takes its own share of the CPUs: what it starts (torch,
     onnxruntime, OpenVINO, the CLI's subprocesses) sizes its threads by the affinity, so two workers do not run
