@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")     # before onnxruntime starts, in every side (README: Privacy)
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from nsdedge.bench import peak_rss_mb
@@ -374,10 +376,10 @@ def main_cuda(a) -> None:
     # TensorRT where installed (not probed here: this process opens nothing on the GPU the sides measure; a side
     # whose provider cannot start is recorded under "failed")
     trt = importlib.util.find_spec("tensorrt") is not None
-    sides = a.sides.split(",") if a.sides else (
+    sides = a.sides.split(",") if a.sides else (      # TensorRT last: its engines build for minutes
         ["diffusers-fp16", *[p for p in precisions], "diffusers-fp32", "diffusers-fp16-compile"] +
-        ([f"{p}@tensorrt" for p in precisions if not p.startswith("cu-")] if trt else []) +
-        ([f"{p}-batch{m}" for p in precisions if p.endswith("fp16") for m in ("", "-lowmem")] if a.batch else []))
+        ([f"{p}-batch{m}" for p in precisions if p.endswith("fp16") for m in ("", "-lowmem")] if a.batch else []) +
+        ([f"{p}@tensorrt" for p in precisions if not p.startswith("cu-")] if trt else []))
     result = {"machine": None, "device": "cuda", "resolution": a.resolution, "steps": a.steps,
               "guidance": a.guidance, "scheduler": "ddim", "images": a.images, "batch": a.batch,
               "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "sides": {}, "failed": {}}

@@ -576,6 +576,10 @@ def _run_job(voxels, job_file, bundle, subject, trials, out, provider, backend, 
     else:
         job = Job(bundle, [Work(voxels, subject, out or Path("reconstructions"), trials)], provider=provider,
                   **{k: v for k, v in given.items() if v is not None})
+    if backend == "local" and job.provider != "auto":     # (on Ray the workers' machines decide)
+        from .runtime.session import resolve
+
+        resolve(job.provider)
     if job.bundle is None:
         from .jobs import check_inputs
 

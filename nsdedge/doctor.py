@@ -46,9 +46,9 @@ def _conflicts() -> list[str]:
             continue
     if len(installed) < 2:
         return []
-    return [f"{' and '.join(installed)} are all installed; they share one package folder and the last installed "
+    return [f"{', '.join(installed)} are all installed; they share one package folder and the last installed "
             f"wins: keep one (GPU: pip uninstall -y {' '.join(ORT_WHEELS)} && pip install "
-            f"'onnxruntime-gpu[cuda,cudnn]')"]
+            f"'onnxruntime-gpu[cuda,cudnn]>=1.27', or '>=1.20,<1.27' for CUDA 12)"]
 
 
 def _providers() -> list[dict]:

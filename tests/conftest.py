@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")      # as the nsdedge command does (README: Privacy)
 
 
 
 @pytest.hookimpl(trylast=True)                  # after `-m` has deselected: only a `pytest -m gpu` run gets here
 def pytest_collection_modifyitems(config, items):
-    """`@gpu` tests skip at once where no GPU backend can start (onnxruntime's CUDA provider probed, no tensorrt):
+    """`@gpu` tests skip at once where no GPU backend can start (onnxruntime's CUDA and TensorRT providers probed,
+    no tensorrt package):
     otherwise each would build its bundles (minutes of export) before its own skip. Each test still checks the
     provider it needs."""
-    gpu = [item for item in items if "gpu" in item.keywords]
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu:
         return
     import importlib.util
@@ -28,10 +30,10 @@ def pytest_collection_modifyitems(config, items):
     from nsdedge.runtime.ort_session import probe
 
     try:
-        why = probe("cuda")
+        why, trt = probe("cuda"), probe("tensorrt")
     except NsdedgeError as e:                  # no onnxruntime at all
-        why = str(e)
-    if why is None or importlib.util.find_spec("tensorrt") is not None:
+        why, trt = str(e), str(e)
+    if why is None or trt is None or importlib.util.find_spec("tensorrt") is not None:
         return
     for item in gpu:
         item.add_marker(pytest.mark.skip(reason=f"no GPU backend starts here: {why}"))

@@ -26,13 +26,16 @@ def test_one_trial_to_png(tiny_bundle, trial, tmp_path):
 
 def test_low_memory_from_the_command_line_writes_the_same_images_and_says_the_provider(tiny_bundle, tmp_path):
     """`run --low-memory` (stage-major on the CPU provider: the same bytes) and `--provider auto` names what ran."""
+    from nsdedge.runtime.session import resolve
+
     vox = tmp_path / "v.npy"
     np.save(vox, np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32))
-    normal = _run(tiny_bundle, vox, tmp_path / "normal", "--provider", "auto")
-    lean = _run(tiny_bundle, vox, tmp_path / "lean", "--low-memory", "--provider", "auto")
-    for r, out in ((normal, "normal"), (lean, "lean")):
+    normal = _run(tiny_bundle, vox, tmp_path / "normal", "--provider", "cpu")
+    lean = _run(tiny_bundle, vox, tmp_path / "lean", "--low-memory", "--provider", "cpu")
+    auto = _run(tiny_bundle, vox, tmp_path / "auto", "--provider", "auto", "--trials", "0:1")
+    for r, out, provider in ((normal, "normal", "cpu"), (lean, "lean", "cpu"), (auto, "auto", resolve("auto"))):
         assert r.returncode == 0, r.stderr
-        assert r.stdout.strip().endswith(f"wrote 3 image(s) to {tmp_path / out} (provider cpu)"), r.stdout
+        assert r.stdout.strip().endswith(f"to {tmp_path / out} (provider {provider})"), r.stdout
     for name in ("0000.png", "0001.png", "0002.png"):
         assert (tmp_path / "normal" / name).read_bytes() == (tmp_path / "lean" / name).read_bytes()
 

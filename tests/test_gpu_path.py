@@ -3,6 +3,7 @@ device-buffer runs (what CUDA graphs replay) on the CPU provider, and low memory
 
 from __future__ import annotations
 
+import json
 import types
 
 import numpy as np
@@ -90,6 +91,11 @@ def test_a_gpu_provider_here_is_a_one_line_error(trial, tiny_bundle, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
     # without --bundle: refused before the default bundle is built (minutes of export for nothing)
     r = run_cli("run", "--voxels", str(trial), "--provider", "cuda", "--out", str(tmp_path / "y.png"),
+                env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 2 and r.stderr.startswith("error: provider 'cuda' is not available"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "cache" / "nsdedge").exists()
+    (tmp_path / "job.json").write_text(json.dumps({"work": [{"voxels": str(trial), "out": str(tmp_path / "j")}]}))
+    r = run_cli("run", "--job", str(tmp_path / "job.json"), "--provider", "cuda",            # a job, run here
                 env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert r.returncode == 2 and r.stderr.startswith("error: provider 'cuda' is not available"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "cache" / "nsdedge").exists()

@@ -186,7 +186,7 @@ def test_doctor_warns_of_two_onnxruntime_wheels_in_one_environment(monkeypatch):
     fake = {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"}
     monkeypatch.setattr(importlib.metadata, "version", lambda name: fake[name] if name in fake else real(name))
     (warning,) = doctor._conflicts()
-    assert "onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1" in warning and "pip uninstall -y onnxruntime" in warning
+    assert "onnxruntime 1.32.0, onnxruntime-gpu 1.31.1 are" in warning and "pip uninstall -y onnxruntime" in warning
     assert f"warning: {warning}" in doctor.format_report({**doctor.report(), "conflicts": [warning]})
     fake.pop("onnxruntime-gpu")
     assert doctor._conflicts() == []
