@@ -449,8 +449,10 @@ def info(bundle, no_verify):
 
 
 # -- run --------------------------------------------------------------------------------------------
-def default_bundle() -> Path:
-    """The tiny preset, built on first use into the user cache directory (keyed by nsdedge version)."""
+def default_bundle(notes: list[str] | None = None) -> Path:
+    """The tiny preset, built on first use into the user cache directory (keyed by nsdedge version); where it was
+    built now, a line saying so is added to `notes` (shown once the run's input is checked: bad input stays one
+    line)."""
     from platformdirs import user_cache_dir
 
     from .bundle import MANIFEST
@@ -458,7 +460,7 @@ def default_bundle() -> Path:
     path = Path(user_cache_dir("nsdedge")) / "bundles" / f"{DEFAULT_PRESET}-{__version__}"
     if (path / MANIFEST).is_file():
         return path
-    click.echo(f"building the default bundle (preset {DEFAULT_PRESET}) in {path} ...", err=True)
+    t0 = time.perf_counter()
     try:
         from .export.build import export_bundle
         from .export.presets import build_preset
@@ -468,6 +470,9 @@ def default_bundle() -> Path:
                            f"missing): pip install 'nsdedge[export]', or pass --bundle") from None
     quiet_libraries()
     export_bundle(build_preset(DEFAULT_PRESET), path, force=True)
+    if notes is not None:
+        notes.append(f"built the default bundle (preset {DEFAULT_PRESET}) in {path} "
+                     f"({time.perf_counter() - t0:.0f} s, once)")
     return path
 
 
@@ -534,19 +539,20 @@ def run(voxels, bundle, subject, steps, guidance, ip_scale, scheduler, vae, seed
         from .runtime.session import resolve
 
         resolve(provider)
-    if bundle is None:
-        click.echo(RANDOM_WEIGHTS_NOTICE, err=True)
-    rec = Reconstructor(bundle or default_bundle(), provider=provider, low_memory=low_memory, verify=not no_verify,
-                        threads=threads)
+    notes = [RANDOM_WEIGHTS_NOTICE] if bundle is None else []      # said once the input is checked (below)
+    rec = Reconstructor(bundle or default_bundle(notes), provider=provider, low_memory=low_memory,
+                        verify=not no_verify, threads=threads)
     run_defaults = {k: v for k, v in rec.manifest.extra.get("run_defaults", {}).items() if given.get(k) is None}
     if run_defaults:
-        click.echo("the bundle's run settings: " + ", ".join(f"{k} {v}" for k, v in run_defaults.items()), err=True)
+        notes.append("the bundle's run settings: " + ", ".join(f"{k} {v}" for k, v in run_defaults.items()))
     with contextlib.ExitStack() as stack:
         bar, at = None, 0
 
         def progress(p) -> None:            # a bar over all steps of the images this run makes
             nonlocal bar, at
-            if bar is None:
+            if bar is None:                 # the first call comes after every check: bad input stays one line
+                for note in notes:
+                    click.echo(note, err=True)
                 if p.skipped:
                     click.echo(f"{p.skipped} of {p.skipped + p.todo} images already in {out}; skipping them", err=True)
                 bar = stack.enter_context(click.progressbar(length=max(p.todo * p.steps, 1), file=sys.stderr,
@@ -576,6 +582,7 @@ def _run_job(voxels, job_file, bundle, subject, trials, out, provider, backend, 
     else:
         job = Job(bundle, [Work(voxels, subject, out or Path("reconstructions"), trials)], provider=provider,
                   **{k: v for k, v in given.items() if v is not None})
+    notes: list[str] = []                           # said once the job is checked (its first progress call)
     if backend == "local" and job.provider != "auto":     # (on Ray the workers' machines decide)
         from .runtime.session import resolve
 
@@ -584,8 +591,8 @@ def _run_job(voxels, job_file, bundle, subject, trials, out, provider, backend, 
         from .jobs import check_inputs
 
         check_inputs(job)                           # before the default bundle is built: nothing made for nothing
-        click.echo(RANDOM_WEIGHTS_NOTICE, err=True)
-        job.bundle = default_bundle()
+        notes.append(RANDOM_WEIGHTS_NOTICE)
+        job.bundle = default_bundle(notes)
     _quiet_onnxruntime()
     if backend == "ray" and log.level > logging.INFO:
         _quiet_ray()
@@ -595,6 +602,8 @@ def _run_job(voxels, job_file, bundle, subject, trials, out, provider, backend, 
         def progress(done: int, todo: int) -> None:
             nonlocal bar, at
             if bar is None:
+                for note in notes:
+                    click.echo(note, err=True)
                 bar = stack.enter_context(click.progressbar(length=max(todo, 1), file=sys.stderr,
                                                             label=f"{todo} trial(s) on {backend}"))
             bar.update(done - at)

@@ -155,8 +155,14 @@ def test_default_bundle_and_example(tmp_path):
     out = tmp_path / "recon"
     r = run_cli("run", "--voxels", str(ROOT / "examples" / "trial.npy"), "--steps", "2", "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr
-    assert (out / "0000.png").is_file()
+    assert (out / "0000.png").is_file() and "built the default bundle (preset tiny)" in r.stderr
     assert list((tmp_path / "cache" / "nsdedge" / "bundles").iterdir())
+    np.save(tmp_path / "w100.npy", np.zeros(100, np.float32))          # bad input: the error alone, no notes first
+    for bad in (["--voxels", str(tmp_path / "w100.npy")], ["--voxels", str(ROOT / "examples" / "trial.npy"),
+                                                           "--subject", "subj07"]):
+        r = run_cli("run", *bad, "--out", str(tmp_path / "bad.png"), env=env)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith("error: ") and not (tmp_path / "bad.png").exists()
     r = run_cli("run", "--voxels", str(ROOT / "examples" / "trial.npy"), "--steps", "2", "--out",
                 str(tmp_path / "again.png"), env=env)
     assert r.returncode == 0 and "building the default bundle" not in r.stderr
