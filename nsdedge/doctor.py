@@ -48,7 +48,7 @@ def _conflicts() -> list[str]:
         return []
     return [f"{', '.join(installed)} are all installed; they share one package folder and the last installed "
             f"wins: keep one (GPU: pip uninstall -y {' '.join(ORT_WHEELS)} && pip install "
-            f"'onnxruntime-gpu[cuda,cudnn]>=1.27', or '>=1.20,<1.27' for CUDA 12)"]
+            f"'onnxruntime-gpu[cuda,cudnn]>=1.27', or '>=1.21,<1.27' for CUDA 12)"]
 
 
 def _providers() -> list[dict]:

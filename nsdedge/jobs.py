@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -311,6 +312,17 @@ class Shard:
         return {k: np.asarray(v) for k, v in out.items()}
 
 
+# Environment variables a Ray actor gets from the driver (runtime_env), where the driver has them: a Ray cluster
+# started elsewhere starts its workers with the nodes' environment, not the driver's, and onnxruntime reads this one
+# as it starts (README: Privacy)
+ACTOR_ENV = ("ORT_DISABLE_TELEMETRY",)
+
+
+def _actor_env() -> dict:
+    env = {k: os.environ[k] for k in ACTOR_ENV if k in os.environ}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def _run_ray(job, checked, settings, manifest, result, progress, todo, *, actors, gpus_per_actor, cpus_per_actor,
              ray_address, batch_size) -> None:
     ray = _require_ray()
@@ -330,6 +342,7 @@ def _run_ray(job, checked, settings, manifest, result, progress, todo, *, actors
         ds = ds.map_batches(
             Shard, batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None, num_cpus=cpus,
+            **_actor_env(),
             fn_constructor_kwargs={"bundle": str(Path(job.bundle).absolute()), "provider": job.provider,
                                    "manifest_sha256": manifest.sha256, "work": work,
                                    "settings": _settings_kw(settings),

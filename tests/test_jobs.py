@@ -140,6 +140,35 @@ def test_a_killed_actor_loses_and_duplicates_nothing(ray_local, job_file, local_
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]     # no partial files left behind
 
 
+class WritesItsEnvironment(jobs.Shard):
+    """An actor that writes down, as it starts, what it has of the variables in `names`."""
+
+    marker: str = ""
+    names: tuple = ()
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        Path(self.marker, str(os.getpid())).write_text(json.dumps({k: os.environ.get(k) for k in self.names}))
+
+
+def test_actors_get_the_drivers_environment(ray_local, job_file, local_images, tmp_path, monkeypatch):
+    """A Ray started elsewhere starts its workers with its own environment: the actors get the driver's
+    ORT_DISABLE_TELEMETRY through runtime_env (here a variable the running Ray's workers cannot have otherwise)."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setenv("NSDEDGE_TEST_DRIVER_ONLY", "from the driver")
+    monkeypatch.setattr(jobs, "ACTOR_ENV", (*jobs.ACTOR_ENV, "NSDEDGE_TEST_DRIVER_ONLY"))
+    monkeypatch.setattr(WritesItsEnvironment, "marker", str(tmp_path))
+    monkeypatch.setattr(WritesItsEnvironment, "names", jobs.ACTOR_ENV)
+    monkeypatch.setattr(jobs, "Shard", WritesItsEnvironment)
+    result = run_job(_job(job_file, tmp_path / "out"), "ray", actors=1, batch_size=4)
+    assert result.written == 7 and _images(tmp_path / "out") == local_images
+    (seen,) = [json.loads(p.read_text()) for p in tmp_path.iterdir() if p.is_file()]
+    assert seen == {"ORT_DISABLE_TELEMETRY": "1", "NSDEDGE_TEST_DRIVER_ONLY": "from the driver"}
+    monkeypatch.delenv("ORT_DISABLE_TELEMETRY")
+    monkeypatch.delenv("NSDEDGE_TEST_DRIVER_ONLY")
+    assert jobs._actor_env() == {}                                 # nothing set, nothing passed: Ray's own rules
+
+
 def test_cli_ray_backend_and_bad_job_specs(job_file, local_images, two_subject_bundle, tmp_path):
     (tmp_path / "s1.npy").write_bytes((job_file.parent / "s1.npy").read_bytes())
     r = run_cli("run", "--voxels", str(tmp_path / "s1.npy"), "--bundle", str(two_subject_bundle), "--subject",
