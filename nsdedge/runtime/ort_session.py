@@ -62,10 +62,12 @@ def tensorrt_options(manifest, component: str, cache: Path, batches=(1, 2),
 
 def cuda_options(low_memory: bool = False, gpu_mem_limit: int | None = None, *, cuda_graph: bool = False) -> dict:
     """onnxruntime CUDA provider options, lean by default: the arena grows by what is asked (not to the next power
-    of two), cuDNN's convolution workspace is capped (its default takes as much as the fastest algorithm wants,
-    which at 512^2 is GBs for the VAE) and the UNet can replay one captured CUDA graph per batch size. Low memory
-    (edge boards) also searches convolution algorithms heuristically (the exhaustive search tries big workspaces;
-    on an H100 it bought nothing there: 0.85 s per image against 0.70 over a 10-trial fp16 batch, same peak)."""
+    of two), the UNet can replay one captured CUDA graph per batch size, and cuDNN's convolution workspace is
+    capped where onnxruntime honours the cap: its cuDNN 8 path (32 MB). Its cuDNN 9 path takes each convolution
+    plan's own workspace from the arena whatever cudnn_conv_use_max_workspace says (source read at 1.25; on an
+    H200 with onnxruntime-gpu 1.31.1 the fp16 peak was 4642 MB with 0 and with 1). Low memory (edge boards) also
+    searches convolution algorithms heuristically (on an H100 the exhaustive search bought nothing there: 0.85 s
+    per image against 0.70 over a 10-trial fp16 batch, same peak)."""
     opts: dict = {"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_use_max_workspace": "0",
                   "cudnn_conv_algo_search": "HEURISTIC" if low_memory else "EXHAUSTIVE"}
     if cuda_graph:
