@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
 from . import __version__
-from .errors import BundleError, InputError
+from .errors import BundleError, InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def is_nsdedge_json(path: Path) -> bool:
     was written, a "command" that ran nsdedge)."""
     try:
         d = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):         # RecursionError: JSON nested too deep
         return False
     return isinstance(d, dict) and ("nsdedge_version" in d or "nsdedge" in str(d.get("command", "")))
 
@@ -187,7 +187,7 @@ def is_bundle(path: Path) -> bool:
     """True if `path` is a directory whose manifest says it is an nsdedge bundle (no other check)."""
     try:
         return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         return False
 
 
@@ -309,6 +309,28 @@ class Manifest:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"bundle manifest is malformed: {type(e).__name__}: {e}") from None
 
+    def _check_schedule(self, bad: Callable[[str], None]) -> None:
+        """The noise schedule the schedulers compute from scheduler_config: alpha_bar finite, in (0, 1), falling."""
+        import numpy as np
+
+        from .runtime.schedulers import alphas_cumprod
+
+        cfg = self.scheduler_config
+        for k, default in (("beta_start", 0.0001), ("beta_end", 0.02)):
+            v = cfg.get(k, default)
+            if type(v) not in (int, float) or not 0 < v < 1:
+                bad(f"scheduler_config {k} {v!r} must be a number in (0, 1)")
+        try:
+            with np.errstate(all="ignore"):
+                ac = alphas_cumprod(cfg)
+            int(cfg.get("steps_offset", 0))
+        except (TypeError, ValueError, OverflowError) as e:
+            bad(f"scheduler_config: {first_line(e)}")
+        if len(ac) != cfg.get("num_train_timesteps", 1000) or not np.all((ac > 0) & (ac < 1)) \
+                or not np.all(np.diff(ac) < 0):
+            bad(f"scheduler_config {({k: cfg[k] for k in cfg if 'beta' in k})!r} must give one alpha_bar per "
+                f"training timestep, falling and in (0, 1)")
+
     def _checked(self) -> "Manifest":
         """The values the runtime computes with, in range (the checksums prove the files, not the manifest)."""
         def bad(what: str) -> None:
@@ -323,6 +345,12 @@ class Manifest:
         n_train = self.scheduler_config.get("num_train_timesteps", 1000)
         if type(n_train) is not int or n_train < 2:
             bad(f"scheduler_config num_train_timesteps {n_train!r} must be a whole number >= 2")
+        self._check_schedule(bad)
+        # what every bundle runs: a UNet taking the latent, the timestep, the text and the ip tokens, and a VAE
+        ports = {"unet": {"sample", "timestep", "encoder_hidden_states", "ip_tokens"}, "vae_decoder": {"latent"},
+                 "taesd_decoder": {"latent"}}
+        if "unet" not in self.components or not {"vae_decoder", "taesd_decoder"} & set(self.components):
+            bad(f"components {sorted(self.components)} must include unet and vae_decoder (or taesd_decoder)")
         for name, c in self.components.items():
             if not isinstance(c.parity, dict) or not all(isinstance(p, dict) and "name" in p
                                                          for p in [*c.inputs, *c.outputs]):
@@ -331,6 +359,9 @@ class Manifest:
             if "subject" in c.extra and (not isinstance(c.extra["subject"], str) or type(voxels) is not int
                                          or voxels < 1):
                 bad(f"component {name!r}: a decoder needs a subject name and a whole number of voxels")
+            missing = sorted(ports.get(name, set()) - {p["name"] for p in c.inputs})
+            if missing:
+                bad(f"component {name!r} has no input {missing[0]!r}")
             sample = next((p.get("shape") for p in c.inputs if p["name"] in ("sample", "latent")), None)
             if isinstance(sample, list) and len(sample) > 1 and isinstance(sample[1], int) \
                     and sample[1] != self.latent_channels:
@@ -365,7 +396,7 @@ def read_manifest(bundle: Path, verify: bool = True) -> Manifest:
         raw = json.loads(text)
     except FileNotFoundError:
         raise BundleError(f"{bundle}: no {MANIFEST} (not a bundle, or an export that did not finish)") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise BundleError(f"{path}: unreadable manifest: {e}") from None
     try:
         m = Manifest.from_json(raw)

@@ -73,6 +73,16 @@ def _verbose(f):
                         callback=lambda ctx, param, value: _setup_logging(value))(f)
 
 
+class _Finite(click.FloatRange):
+    """A number in a range, and finite: click's FloatRange lets NaN through (every comparison with it is false)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if rv is not None and not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
+
+
 class _Group(click.Group):
     def add_command(self, cmd, name=None):
         super().add_command(_verbose(cmd), name)
@@ -501,9 +511,9 @@ def default_bundle(notes: list[str] | None = None) -> Path:
               help="ray: the trials on a Ray cluster (Ray Data actors), the same bytes as local.")
 @click.option("--ray-address", help="A running Ray cluster (default: RAY_ADDRESS, else a local Ray started for the job).")
 @click.option("--actors", type=click.IntRange(1, 4096), default=1, show_default=True, help="Ray actors (workers).")
-@click.option("--gpus-per-actor", type=click.FloatRange(0, 64), default=0.0, show_default=True,
+@click.option("--gpus-per-actor", type=_Finite(0, 64), default=0.0, show_default=True,
               help="GPUs each actor reserves (0.5: two actors share a GPU).")
-@click.option("--cpus-per-actor", type=click.FloatRange(0.01, 1024), default=None,
+@click.option("--cpus-per-actor", type=_Finite(0.01, 1024), default=None,
               help="CPUs each actor reserves, and its inference threads [default: 1].")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="Inference threads (per Ray actor) [default: all cores; Ray: the actor's CPUs]. CPU images of the "
@@ -711,9 +721,9 @@ def _load_embeddings(path: Path):
 @click.option("--projector-hidden", type=click.IntRange(1, 65536), help="mlp: the token projector's width [default: h].")
 @click.option("--epochs", type=click.IntRange(1, 100000), default=50, show_default=True)
 @click.option("--batch-size", type=click.IntRange(2, 65536), default=32, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, 10, min_open=True), default=3e-4, show_default=True,
+@click.option("--lr", type=_Finite(0, 10, min_open=True), default=3e-4, show_default=True,
               help="mlp: AdamW's peak learning rate (one-cycle schedule).")
-@click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=0.1, show_default=True,
+@click.option("--val-fraction", type=_Finite(0, 0.9), default=0.1, show_default=True,
               help="mlp: trials held out for validation and early stopping.")
 @click.option("--patience", type=click.IntRange(1, 100000), default=5, show_default=True,
               help="mlp: epochs without a better validation loss before stopping.")
@@ -801,9 +811,9 @@ def _fit_mlp(x, y, out: Path, subject: str, arch: dict, train: dict) -> None:
 @click.option("--blocks", type=click.IntRange(0, 64), default=4, show_default=True)
 @click.option("--projector-hidden", type=click.IntRange(1, 65536), help="[default: --hidden]")
 @click.option("--batch-size", type=click.IntRange(2, 65536), default=32, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, 10, min_open=True), default=3e-4, show_default=True)
+@click.option("--lr", type=_Finite(0, 10, min_open=True), default=3e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cpus-per-client", type=click.FloatRange(0.01, 1024), default=1.0, show_default=True,
+@click.option("--cpus-per-client", type=_Finite(0.01, 1024), default=1.0, show_default=True,
               help="CPUs each simulated client reserves on the local Ray.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Directory: SUBJECT.safetensors per subject and federated.json.")
@@ -876,7 +886,7 @@ def fit_federated(subjects, rounds, local_steps, adaptive_layers, hidden, blocks
 @click.option("--batch", "batches", default="1,2", show_default=True,
               help="Batch sizes, one static profile each (2 = guidance, 1 = no guidance).")
 @click.option("--dynamic", is_flag=True, help="One dynamic profile instead (batch and 0.5x-1.5x resolution; ~13% slower).")
-@click.option("--workspace-gb", type=click.FloatRange(0, 1024, min_open=True), default=4.0, show_default=True,
+@click.option("--workspace-gb", type=_Finite(0, 1024, min_open=True), default=4.0, show_default=True,
               help="Builder workspace cap (edge: 1-2).")
 @click.option("--force", is_flag=True, help="Rebuild even when an up-to-date engine is cached.")
 @click.option("--strongly-typed", is_flag=True,
@@ -892,8 +902,6 @@ def build_engines_cmd(bundle, cache, batches, dynamic, workspace_gb, force, stro
         raise InputError(f"--batch {batches!r}: expected comma-separated integers, e.g. 1,2") from None
     if not sizes or min(sizes) < 1:
         raise InputError(f"--batch {batches!r}: batch sizes must be >= 1")
-    if not math.isfinite(workspace_gb):                 # (click's range lets NaN through)
-        raise InputError(f"--workspace-gb must be a number of GB in (0, 1024], got {workspace_gb}")
     m = read_manifest(bundle)
     t0 = time.perf_counter()
     plans = build_engines(bundle, m, cache, sizes, dynamic, int(workspace_gb * (1 << 30)), force,

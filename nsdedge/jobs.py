@@ -101,7 +101,7 @@ def read_job(path: str | Path) -> Job:
     path = Path(path)
     try:
         spec = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise InputError(f"{path}: not a readable JSON job file ({first_line(e)})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("work"), list) or not spec["work"]:
         raise InputError(f"{path}: a job file is an object with a non-empty list \"work\"")

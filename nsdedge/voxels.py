@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -64,12 +65,17 @@ def read_array(path: str | Path, key: str | None = None, what: str = "voxel") ->
                 key = names[0]
             elif key not in names:
                 raise InputError(f"{path}: .npz has no array {key!r} (has {', '.join(names)})")
-            return loaded[key]
+            array = loaded[key]
+        if not isinstance(array, np.ndarray):                  # a member that is not an .npy: numpy gives its bytes
+            raise InputError(f"{path}: the .npz member {key!r} is not a numpy array (.npy) file")
+        return array
     except ValueError as e:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise InputError(pickled) from None
         raise InputError(f"{path}: not a readable numpy array file ({first_line(e)})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:       # truncated, or an .npz whose data fails its CRC
+    # truncated, an .npz whose data fails its CRC, a header numpy cannot parse (SyntaxError, tokenize's TokenError)
+    # or one whose shape cannot be mapped (a negative dimension: OverflowError)
+    except (OSError, EOFError, zipfile.BadZipFile, SyntaxError, tokenize.TokenError, OverflowError) as e:
         raise InputError(f"{path}: not a readable .npy/.npz file ({type(e).__name__}: {first_line(e)})") from None
 
 

@@ -86,6 +86,40 @@ def test_only_shared_weights_cross_the_wire(files):
     assert kept["input.weight"].shape == (16, 60) and int(context.state["client"]["rounds"]) == 1
 
 
+def test_a_node_that_did_not_train_saves_no_decoder(files, tmp_path):
+    """The last round's evaluate message saves the node's decoder only where the node trained in every round: a
+    client whose training failed (e.g. an optimizer refusing its settings) left the untrained model saved, and the
+    command exited 0 (sweep of 2026-11-27)."""
+    pytest.importorskip("flwr")
+    import time
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+    from nsdedge.decoders.flower_apps import make_client_app
+
+    subs, spec = files
+    s = FedSettings(**TINY)
+    app = make_client_app([(n, str(x), str(y)) for n, x, y in spec])
+
+    def send(kind: str, context, **config):
+        meta = Metadata(run_id=1, message_id=kind, src_node_id=1, dst_node_id=7, reply_to_message_id="",
+                        group_id="1", created_at=time.time(), ttl=3600, message_type=kind)
+        return app(Message(content=RecordDict({"arrays": ArrayRecord(initial_shared(s)),
+                                               "config": ConfigRecord({**s.config(), **config})}), metadata=meta),
+                   context)
+
+    def node():
+        return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
+                       state=RecordDict(), run_config={})
+    last = {"server-round": 1, "rounds": 1, "out": str(tmp_path)}
+    send("evaluate", node(), **last)                                # never trained: nothing saved
+    assert not (tmp_path / "subj01.safetensors").exists()
+    trained = node()
+    send("train", trained)
+    send("evaluate", trained, **last)
+    assert (tmp_path / "subj01.safetensors").is_file()
+
+
 def test_flower_simulation_writes_each_subjects_decoder(files, tmp_path):
     pytest.importorskip("flwr")
     from nsdedge.export.decoder_export import export_decoder, read_any_decoder

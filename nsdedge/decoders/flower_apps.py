@@ -98,7 +98,9 @@ def make_client_app(subjects: list[tuple[str, str, str]] | None = None) -> Clien
         c, subject = _client(context, cfg, subjects)
         c.synchronise(msg.content["arrays"].to_torch_state_dict())     # a copy: the node's state is not changed
         m = c.evaluate()
-        if cfg.get("out") and int(cfg["server-round"]) == int(cfg["rounds"]):
+        # the decoder is saved after the last round, and only by a node that trained in every round: a client
+        # whose training failed would otherwise save the untrained model (the simulation then says one is missing)
+        if cfg.get("out") and int(cfg["server-round"]) == int(cfg["rounds"]) == c.rounds:
             _save(c, subject, Path(str(cfg["out"])))
         metrics = {**{k: float(v) for k, v in m.items()}, "client": c.index, "num-examples": len(c.va)}
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

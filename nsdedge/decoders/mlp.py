@@ -109,7 +109,7 @@ def read_mlp(path: str | Path, config: MLPConfig | None = None) -> tuple[BrainGu
         if config is None and "config" in meta:
             try:
                 config = MLPConfig(**json.loads(meta["config"]))
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, RecursionError) as e:
                 raise WeightsError(f"{path}: bad config in metadata ({e})") from None
     else:
         try:

@@ -15,6 +15,7 @@ rescaling works on a single live trial. `rank` keeps the top R directions of the
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -51,8 +52,8 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, *, subject: str = "subj01", alphas=D
     if rank is not None and not 1 <= rank <= min(n, v):
         raise InputError(f"--rank must be between 1 and {min(n, v)}, got {rank}")
     alphas = sorted(float(a) for a in alphas)
-    if not alphas or min(alphas) <= 0:
-        raise InputError(f"alphas must be positive, got {alphas}")
+    if not alphas or not all(0 < a < math.inf for a in alphas):         # (NaN fails the comparison too)
+        raise InputError(f"alphas must be positive finite numbers, got {alphas}")
 
     progress("z-scoring voxels")
     x_mean = x.mean(axis=0, dtype=np.float64)

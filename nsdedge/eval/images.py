@@ -8,6 +8,7 @@ converted to float32 in [0, 1], channels last. Never unpickles.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +107,18 @@ class ImageSet:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-        except (OSError, UnidentifiedImageError) as e:
+            with warnings.catch_warnings(), Image.open(path) as im:
+                # Pillow's decompression-bomb guard: a warning over its pixel limit, an error over twice that
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im.load()
+                if im.mode.startswith("I;16"):                          # 16-bit grey: its own scale, not clipped
+                    grey = np.asarray(im, dtype=np.float32) / 65535.0
+                    image = np.repeat(grey[..., None], 3, axis=-1)
+                elif im.mode in ("I", "F"):
+                    raise InputError(f"{path}: a {im.mode!r} (32-bit) image; save it as 8- or 16-bit RGB or grey")
+                else:
+                    image = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise InputError(f"{path}: not a readable image ({first_line(e)})") from None
         if min(image.shape[:2]) < MIN_SIDE:
             raise InputError(f"{path}: an image of {image.shape[0]}x{image.shape[1]} pixels; images must be at "

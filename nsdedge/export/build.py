@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..bundle import MAX_RESOLUTION, CONSTANTS, BundleWriter, Component, Manifest, check_subject
+from ..bundle import MAX_RESOLUTION, CONSTANTS, BundleWriter, Component, Manifest, check_not_input, check_subject
 from ..calibration.record import CALIBRATION_NEEDED
 from ..errors import NsdedgeError, WeightsError
 from .decoder_export import export_decoder
@@ -280,6 +280,7 @@ def derive_bundle(fp32: str | Path, out: str | Path, *, precision: str, target: 
     int8_recipe = pick_recipe(int8_recipe, calibration_voxels is not None or calibration is not None)
     if out.resolve() == fp32.resolve():
         raise NsdedgeError(f"--out {out} is the bundle it converts; name a new directory")
+    check_not_input(out, [fp32])                         # a bundle inside the one it converts spoils that one
     if precision == "fp32" and target not in ("openvino", "cuda"):
         raise NsdedgeError(f"{fp32} is fp32 already: convert it to fp16, int8 or (--target openvino / cuda) fp32")
     manifest = read_manifest(fp32)                       # checksums: a conversion of a damaged bundle is refused

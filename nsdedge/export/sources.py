@@ -119,7 +119,7 @@ def _check_folder(path: Path) -> None:
 def _scheduler_config(path: Path) -> dict:
     try:
         sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise WeightsError(f"{path}/scheduler/scheduler_config.json: unreadable ({e})") from None
     if not isinstance(sched, dict):
         raise WeightsError(f"{path}/scheduler/scheduler_config.json: not a JSON object")

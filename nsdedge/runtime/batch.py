@@ -174,7 +174,7 @@ def check_record(out: Path, key: dict, targets: list[Path]) -> bool:
         return False
     try:
         before = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         before = None
     if not isinstance(before, dict) or before.get("format") != RECORD_FORMAT or \
             not isinstance(before.get("key"), dict):
@@ -271,6 +271,9 @@ def reconstruct(bundle: str | Path | Reconstructor, voxels: str | Path | Trials,
     result = BatchResult(out, rec.provider, skipped=[] if single else [t for t in targets if t.exists()])
     if result.skipped:
         log.info("%d of %d images already in %s; skipping them", len(result.skipped), len(targets), out)
+    if todo:            # the graphs open before the first progress line, so that a damaged one is the error alone
+        for c in [rec.manifest.subjects[subject], *([] if rec.low_memory else ["unet", VAES[settings.vae]])]:
+            rec.session(c)
     state = Progress(0, len(todo), len(result.skipped), 0, settings.steps)
     if progress:
         progress(state)

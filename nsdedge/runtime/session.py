@@ -21,7 +21,7 @@ from typing import ContextManager, Protocol, runtime_checkable
 import numpy as np
 
 from ..bundle import ENGINES, Manifest, read_manifest
-from ..errors import ProviderError
+from ..errors import BundleError, ProviderError
 from .ort_session import ORT_PROVIDERS, OrtSession, cuda_options, onnxruntime, probe, tensorrt_options
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,8 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
         from .ov_session import OvSession
 
         comp = manifest.components[component]
-        return OvSession(path, comp.precision, threads, profile=bool(profile), compute=comp.extra.get("compute"))
+        return _ports_checked(OvSession(path, comp.precision, threads, profile=bool(profile),
+                                        compute=comp.extra.get("compute")), manifest, component, path)
     if path.suffix == ".xml":
         raise ProviderError(f"{bundle} holds OpenVINO IR (exported with --target openvino): run it with "
                             f"--provider openvino")
@@ -156,7 +157,7 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
             typed = engine_key(manifest, component, this_device(), engine_batches, strongly_typed=True)
             if not engine_paths(cache, key)[0].exists() and engine_paths(cache, typed)[0].exists():
                 key = typed                      # built with build-engines --strongly-typed (checked when opened)
-            return EngineSession(cache, key)
+            return _ports_checked(EngineSession(cache, key), manifest, component, path)
         raise ProviderError(f"{component}: no native engine is built for it (engines: {', '.join(ENGINE_COMPONENTS)})")
     options = None
     if provider == "tensorrt":
@@ -169,9 +170,23 @@ def open_session(bundle: str | Path, component: str, provider: str = "auto", *, 
         # the UNet runs the same shapes every step: one captured CUDA graph per batch size replays it
         graph = component == "unet" and not profile and (not low_memory or LOW_MEMORY_CUDA_GRAPH)
         options = cuda_options(low_memory, cuda_graph=graph)
-    return OrtSession(path, provider, threads=threads, provider_options=options, profile=profile,
-                      shared_arena=not low_memory or LOW_MEMORY_SHARED_ARENA,
-                      arena_bytes=arena_bytes(manifest, low_memory))
+    return _ports_checked(OrtSession(path, provider, threads=threads, provider_options=options, profile=profile,
+                                     shared_arena=not low_memory or LOW_MEMORY_SHARED_ARENA,
+                                     arena_bytes=arena_bytes(manifest, low_memory)), manifest, component, path)
+
+
+def _ports_checked(backend, manifest: Manifest, component: str, path: Path):
+    """The graph's inputs are the ones the manifest names (the checksums prove the file is the one the manifest
+    names, not that the manifest describes it): otherwise BundleError, before any run."""
+    want = {p["name"] for p in manifest.components[component].inputs}
+    have = set(backend.inputs)
+    if want != have:
+        close = getattr(backend, "close", None)
+        if close:
+            close()
+        raise BundleError(f"{path}: the graph takes {', '.join(sorted(have)) or 'nothing'}; the bundle's manifest "
+                          f"says {component} takes {', '.join(sorted(want)) or 'nothing'}")
+    return backend
 
 
 # Low memory on CUDA (a batch runs stage-major: the UNet stays loaded for every trial of a chunk, then the VAE):

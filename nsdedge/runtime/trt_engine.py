@@ -168,7 +168,7 @@ def check_engine(cache: Path, key: EngineKey) -> str | None:
         return f"no {key.component} engine built yet"
     try:
         saved = json.loads(meta.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         return f"{meta}: unreadable engine record ({e})"
     if not isinstance(saved, dict) or not isinstance(saved.get("key"), dict):
         return f"{meta}: unreadable engine record (not an nsdedge engine record)"
