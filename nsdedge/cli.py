@@ -777,12 +777,13 @@ def _fit_mlp(x, y, out: Path, subject: str, arch: dict, train: dict) -> None:
         import torch  # noqa: F401
 
         from .decoders.mlp import MLPConfig
-        from .decoders.train import resolve_device, train_mlp
+        from .decoders.train import resolve_device, split, train_mlp
     except ImportError as e:
         raise NsdedgeError(f"--kind mlp trains with torch ({e.name} is missing): pip install 'nsdedge[train]'") from None
     from .bundle import atomic_writer
 
-    resolve_device(train["device"])                 # a bad --device before anything runs
+    resolve_device(train["device"])                 # a bad --device or too few trials before anything runs
+    split(len(x), train["val_fraction"], train["seed"])
     cfg = MLPConfig(voxels=x.shape[1], **arch)
     with click.progressbar(length=train["epochs"], label=f"mlp h={cfg.hidden} x {cfg.blocks} blocks",
                            file=sys.stderr, item_show_func=lambda s: s) as bar:
@@ -1024,6 +1025,8 @@ def eval_(recons, stimuli, reference, preset, weights_dir, pixel_only, json_out,
         raise InputError(f"{weights_dir}: no such directory (--weights-dir)")
     rset, ref = ImageSet(recons), ImageSet(stimuli or reference)
     keys = pair_keys(rset, ref)
+    rset.check(keys)
+    ref.check(keys)
     metrics = tuple(m for m in METRICS if not (pixel_only and m.network))
     missing = missing_weights(weights_dir, metrics)
     if missing:

@@ -31,6 +31,18 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     return (msg.splitlines()[0] if msg else type(e).__name__)[:limit]
 
 
+def torch_weights(path) -> object:
+    """torch.load(weights_only=True) of a user's file, with torch's warnings about the file kept from the user
+    (e.g. an old pickle protocol): it is read or refused, and a refusal is one line (torch_load_error)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 def torch_load_error(e: BaseException) -> str:
     """Why a weights-only torch.load failed, in words: objects other than tensors in the pickle (never run; not
     torch's advice to load it unsafely), or not a torch weights file at all (a git-lfs pointer, a web page, ...)."""

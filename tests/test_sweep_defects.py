@@ -154,3 +154,46 @@ def test_eval_reads_16_bit_grey_on_its_own_scale(tmp_path):
     Image.fromarray(grey).save(tmp_path / "g.png")
     image = ImageSet._read_file(None, tmp_path / "g.png")
     assert image.shape == (64, 64, 3) and np.allclose(image[..., 1], grey / 65535.0)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda p: p.write_bytes(b"not a png at all"), "not a readable image"),
+    (lambda p: __import__("PIL.Image").Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(p), "differ in size"),
+])
+def test_eval_finds_bad_images_before_its_progress_line(tmp_path, damage, needle):
+    """Every image's header is read before the progress bar starts: an error is the one line said (it was the
+    bar's label and then the error)."""
+    from PIL import Image
+
+    recons = tmp_path / "recons"
+    recons.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(recons / f"{i:04d}.png")
+    np.save(tmp_path / "stim.npy", rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8))
+    damage(recons / "0002.png")
+    r = run_cli("eval", "--recons", str(recons), "--stimuli", str(tmp_path / "stim.npy"), "--pixel-only")
+    one_line_error(r, needle)
+
+
+def test_torch_warnings_about_a_users_file_stay_inside(tmp_path):
+    """An old pickle protocol made torch warn (three lines on stderr) before nsdedge refused the file."""
+    import pickle
+
+    from nsdedge.decoders.mlp import read_mlp
+    from nsdedge.errors import WeightsError
+
+    with open(tmp_path / "d.bin", "wb") as f:
+        pickle.dump({"a": 1}, f, protocol=4)
+    with warnings.catch_warnings(), pytest.raises(WeightsError, match="never loads anything else"):
+        warnings.simplefilter("error")
+        read_mlp(tmp_path / "d.bin")
+
+
+def test_too_few_trials_for_an_mlp_before_its_progress_line(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((3, 32)).astype(np.float32))
+    np.save(tmp_path / "y.npy", rng.standard_normal((3, 16, 768)).astype(np.float32))
+    r = run_cli("fit", "--voxels", str(tmp_path / "x.npy"), "--embeddings", str(tmp_path / "y.npy"), "--kind", "mlp",
+                "--out", str(tmp_path / "d.safetensors"))
+    one_line_error(r, "at least 4")

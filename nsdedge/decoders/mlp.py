@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import WeightsError, torch_load_error
+from ..errors import WeightsError, torch_load_error, torch_weights
 from .linear import read_safetensors
 
 ORDERS = ("linear-ln-gelu", "linear-gelu-ln")
@@ -113,7 +113,7 @@ def read_mlp(path: str | Path, config: MLPConfig | None = None) -> tuple[BrainGu
                 raise WeightsError(f"{path}: bad config in metadata ({e})") from None
     else:
         try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = torch_weights(path)
         except Exception as e:  # torch raises many types for a bad or unsafe file
             raise WeightsError(f"{path}: not a readable torch state dict ({torch_load_error(e)})") from None
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import WeightsError, first_line, torch_load_error
+from ..errors import WeightsError, first_line, torch_load_error, torch_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -116,7 +116,7 @@ class FeatureExtractor:
 
     def _load(self, torch) -> None:
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            state = torch_weights(self.path)
         except Exception as e:  # noqa: BLE001  an unpickling error, a truncated zip, ...: all mean "not a weight file"
             raise WeightsError(f"{self.path}: not a readable weight file ({torch_load_error(e)})") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

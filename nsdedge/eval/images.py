@@ -7,6 +7,7 @@ converted to float32 in [0, 1], channels last. Never unpickles.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from pathlib import Path
@@ -103,32 +104,59 @@ class ImageSet:
                              f"or NaN/Inf)")
         return np.clip(a, 0.0, 1.0)
 
-    def _read_file(self, path: Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+    def check(self, keys) -> None:
+        """What read(keys) would refuse, found before any work (an error then is the only line the command says):
+        each file's header (readable, not a decompression bomb, not 32-bit, big enough, one size for all), or a
+        float array's rows in [0, 1]. A file damaged past its header is still found as it is read."""
+        keys = list(keys)
+        if self._array is None:
+            sizes = {}
+            for k in keys:
+                with _opened(self._files[k]) as im:
+                    sizes.setdefault(im.size, self._files[k].name)
+                if len(sizes) > 1:
+                    (a, (wa, ha)), (b, (wb, hb)) = [(name, size) for size, name in sizes.items()]
+                    raise InputError(f"{self.path}: images differ in size ({a} {ha}x{wa}, {b} {hb}x{wb})")
+        elif self._array.dtype != np.uint8:
+            for i in range(0, len(keys), 256):
+                self.read(keys[i:i + 256])
 
-        try:
-            with warnings.catch_warnings(), Image.open(path) as im:
-                # Pillow's decompression-bomb guard: a warning over its pixel limit, an error over twice that
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+    def _read_file(self, path: Path) -> np.ndarray:
+        with _opened(path) as im:
+            try:
                 im.load()
-                if im.mode.startswith("I;16"):                          # 16-bit grey: its own scale, not clipped
-                    grey = np.asarray(im, dtype=np.float32) / 65535.0
-                    image = np.repeat(grey[..., None], 3, axis=-1)
-                elif im.mode in ("I", "F"):
-                    raise InputError(f"{path}: a {im.mode!r} (32-bit) image; save it as 8- or 16-bit RGB or grey")
-                else:
-                    image = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise InputError(f"{path}: not a readable image ({first_line(e)})") from None
-        if min(image.shape[:2]) < MIN_SIDE:
-            raise InputError(f"{path}: an image of {image.shape[0]}x{image.shape[1]} pixels; images must be at "
-                             f"least {MIN_SIDE}x{MIN_SIDE}")
-        return image
+            except OSError as e:                                            # truncated, or damaged data
+                raise InputError(f"{path}: not a readable image ({first_line(e)})") from None
+            if im.mode.startswith("I;16"):                                  # 16-bit grey: its own scale, not clipped
+                grey = np.asarray(im, dtype=np.float32) / 65535.0
+                return np.repeat(grey[..., None], 3, axis=-1)
+            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
 
     def batches(self, keys, size: int = 32):
         keys = list(keys)
         for i in range(0, len(keys), size):
             yield self.read(keys[i:i + size])
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    """An image file with its header read (Pillow decodes the pixels only on load()), or InputError: unreadable,
+    over Pillow's decompression-bomb limit (its warning as well as its error), 32-bit, or under MIN_SIDE."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{path}: not a readable image ({first_line(e)})") from None
+    with im:
+        if im.mode in ("I", "F"):
+            raise InputError(f"{path}: a {im.mode!r} (32-bit) image; save it as 8- or 16-bit RGB or grey")
+        if min(im.size) < MIN_SIDE:
+            raise InputError(f"{path}: an image of {im.size[1]}x{im.size[0]} pixels; images must be at least "
+                             f"{MIN_SIDE}x{MIN_SIDE}")
+        yield im
 
 
 def pair_keys(recons: ImageSet, reference: ImageSet) -> list[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightsError, torch_load_error
+from ..errors import WeightsError, torch_load_error, torch_weights
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def read_ip_adapter(path: str | Path) -> IPAdapterWeights:
             raise WeightsError(f"{path}: unexpected key {other[0]} (keys must start with image_proj. or ip_adapter.)")
     else:
         try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = torch_weights(path)
         except Exception as e:  # torch raises many types for a bad or unsafe file
             raise WeightsError(f"{path}: not a readable IP-Adapter .bin ({torch_load_error(e)})") from None
         if not isinstance(sd, dict) or set(sd) != {"image_proj", "ip_adapter"}:
