@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -1060,12 +1061,22 @@ def eval_(recons, stimuli, reference, preset, weights_dir, pixel_only, json_out,
         click.echo(f"wrote {sheet} ({len(show)} pairs)")
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a scheduler's kill, `timeout`): raised where the command is, so that what it was writing is cleaned
+    up as for Ctrl-C (a BaseException: no `except Exception` on the way takes it for an error of its own)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated
+
+
 def main() -> None:
     # onnxruntime >= 1.29 sends 1DS telemetry on Linux and macOS, and writes a device id into the user's cache as it
     # is imported, unless ORT_DISABLE_TELEMETRY is set before it starts (measured with 1.32: the id file appears
     # without it, not with it). The command line sets it for its own process and the processes it starts (a local
     # Ray); a value the user set stands. The Python API leaves the environment alone (README: Privacy).
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    signal.signal(signal.SIGTERM, _terminated)       # the command's own process: Python's default ends it at once
     try:
         cli.main(standalone_mode=False, prog_name="nsdedge")
     except NsdedgeError as e:
@@ -1087,6 +1098,9 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except _Terminated:
+        click.echo("terminated", err=True)
+        sys.exit(143)
     except MemoryError:
         click.echo("error: out of memory", err=True)
         sys.exit(2)

@@ -197,3 +197,25 @@ def test_too_few_trials_for_an_mlp_before_its_progress_line(tmp_path):
     r = run_cli("fit", "--voxels", str(tmp_path / "x.npy"), "--embeddings", str(tmp_path / "y.npy"), "--kind", "mlp",
                 "--out", str(tmp_path / "d.safetensors"))
     one_line_error(r, "at least 4")
+
+
+def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
+    """SIGTERM (a scheduler's kill) ended the process at once and left export's hidden .partial folder; now it is
+    cleaned up as for Ctrl-C, and the command says so."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "nsdedge.cli", "export", "--preset", "tiny", "--out",
+                          str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.monotonic() + 120
+    while not any(q.name.endswith(".partial") for q in tmp_path.iterdir()) and p.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and err.strip().splitlines()[-1] == "terminated", err
+    assert list(tmp_path.iterdir()) == []
