@@ -309,28 +309,6 @@ class Manifest:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"bundle manifest is malformed: {type(e).__name__}: {e}") from None
 
-    def _check_schedule(self, bad: Callable[[str], None]) -> None:
-        """The noise schedule the schedulers compute from scheduler_config: alpha_bar finite, in (0, 1), falling."""
-        import numpy as np
-
-        from .runtime.schedulers import alphas_cumprod
-
-        cfg = self.scheduler_config
-        for k, default in (("beta_start", 0.0001), ("beta_end", 0.02)):
-            v = cfg.get(k, default)
-            if type(v) not in (int, float) or not 0 < v < 1:
-                bad(f"scheduler_config {k} {v!r} must be a number in (0, 1)")
-        try:
-            with np.errstate(all="ignore"):
-                ac = alphas_cumprod(cfg)
-            int(cfg.get("steps_offset", 0))
-        except (TypeError, ValueError, OverflowError) as e:
-            bad(f"scheduler_config: {first_line(e)}")
-        if len(ac) != cfg.get("num_train_timesteps", 1000) or not np.all((ac > 0) & (ac < 1)) \
-                or not np.all(np.diff(ac) < 0):
-            bad(f"scheduler_config {({k: cfg[k] for k in cfg if 'beta' in k})!r} must give one alpha_bar per "
-                f"training timestep, falling and in (0, 1)")
-
     def _checked(self) -> "Manifest":
         """The values the runtime computes with, in range (the checksums prove the files, not the manifest)."""
         def bad(what: str) -> None:
@@ -342,10 +320,9 @@ class Manifest:
         if self.latent_channels < 1 or not (math.isfinite(self.vae_scaling_factor) and self.vae_scaling_factor > 0):
             bad(f"latent_channels {self.latent_channels} and vae_scaling_factor {self.vae_scaling_factor} must be "
                 f"positive")
-        n_train = self.scheduler_config.get("num_train_timesteps", 1000)
-        if type(n_train) is not int or n_train < 2:
-            bad(f"scheduler_config num_train_timesteps {n_train!r} must be a whole number >= 2")
-        self._check_schedule(bad)
+        problem = schedule_problem(self.scheduler_config)
+        if problem:
+            bad(problem)
         # what every bundle runs: a UNet taking the latent, the timestep, the text and the ip tokens, and a VAE
         ports = {"unet": {"sample", "timestep", "encoder_hidden_states", "ip_tokens"}, "vae_decoder": {"latent"},
                  "taesd_decoder": {"latent"}}
@@ -374,6 +351,32 @@ class Manifest:
                                                 for k, v in run.items()) or run.get("steps", 1) < 1:
             bad(f"run_defaults {run!r} must map steps, guidance, ip_scale, scheduler, vae to values of their kind")
         return self
+
+
+def schedule_problem(cfg: dict) -> str | None:
+    """What is wrong with a diffusers scheduler config for nsdedge's schedulers, or None: the noise schedule they
+    compute from it must have one alpha_bar per training timestep, finite, falling and in (0, 1)."""
+    import numpy as np
+
+    from .runtime.schedulers import alphas_cumprod
+
+    n_train = cfg.get("num_train_timesteps", 1000)
+    if type(n_train) is not int or not 2 <= n_train <= 100_000:
+        return f"scheduler_config num_train_timesteps {n_train!r} must be a whole number in [2, 100000]"
+    for k, default in (("beta_start", 0.0001), ("beta_end", 0.02)):
+        v = cfg.get(k, default)
+        if type(v) not in (int, float) or not 0 < v < 1:
+            return f"scheduler_config {k} {v!r} must be a number in (0, 1)"
+    try:
+        with np.errstate(all="ignore"):
+            ac = alphas_cumprod(cfg)
+        int(cfg.get("steps_offset", 0))
+    except (TypeError, ValueError, OverflowError) as e:
+        return f"scheduler_config: {first_line(e)}"
+    if len(ac) != n_train or not np.all((ac > 0) & (ac < 1)) or not np.all(np.diff(ac) < 0):
+        return (f"scheduler_config {({k: cfg[k] for k in cfg if 'beta' in k})!r} must give one alpha_bar per "
+                f"training timestep, falling and in (0, 1)")
+    return None
 
 
 def _file_entry(name: str, entry: Any) -> dict[str, Any]:

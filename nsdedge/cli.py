@@ -234,6 +234,11 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
     if (precision == "bf16" and target != "openvino") or (precision == "fp16" and target == "openvino"):
         raise InputError(f"--precision {precision} with --target {target}: bf16 is for --target openvino, which "
                          f"takes fp32, bf16 or int8")
+    if compute is not None:                        # the combination before what this CPU can compute
+        from .export.build import check_options
+
+        check_options(precision, target, int8_recipe=int8_recipe, calibration_voxels=calibration_voxels,
+                      calibration=calibration, compute=compute)
     if target == "openvino":
         from .runtime.ov_session import check_precision, openvino
 
@@ -251,11 +256,6 @@ def export(preset, sd, sd_config, ip_adapter, image_encoder, decoders, precision
         from .export.cuda_graph import check_cuda_target
 
         check_cuda_target(precision)
-    if compute is not None:
-        from .export.build import check_options
-
-        check_options(precision, target, int8_recipe=int8_recipe, calibration_voxels=calibration_voxels,
-                      calibration=calibration, compute=compute)
     if precision == "int8" and target == "openvino" and int8_recipe not in ("weights", "auto") and \
             not (calibration_voxels or calibration):
         from .export.build import OPENVINO_CALIBRATION_NEEDED

@@ -219,3 +219,31 @@ def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 143 and err.strip().splitlines()[-1] == "terminated", err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_whose_schedule_no_bundle_could_hold_is_refused_before_tracing(tiny_weights, tmp_path):
+    """A scheduler config every read of the bundle would refuse (beta_start 0) was exported, then unreadable."""
+    sd = tmp_path / "sd"
+    shutil.copytree(tiny_weights["sd"], sd)
+    cfg = json.loads((sd / "scheduler" / "scheduler_config.json").read_text())
+    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps({**cfg, "beta_start": 0}))
+    r = run_cli("export", "--sd", str(sd), "--ip-adapter", str(tiny_weights["ip_safetensors"]), "--image-encoder",
+                str(tiny_weights["image_encoder"]), "--decoder", f"subj01={tiny_weights['decoder-synth01']}",
+                "--out", str(tmp_path / "b"))
+    one_line_error(r, "beta_start 0")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_png_damaged_past_its_header_is_an_error_not_a_traceback(tmp_path):
+    from PIL import Image
+
+    from nsdedge.eval.images import ImageSet
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(tmp_path / "d.png")
+    data = bytearray((tmp_path / "d.png").read_bytes())
+    second = data.index(b"IDAT", data.index(b"IDAT") + 4)
+    data[second:second + 4] = b"\x01\x02\x03\x04"                   # Pillow: SyntaxError "broken PNG file"
+    (tmp_path / "d.png").write_bytes(bytes(data))
+    ImageSet.check(type("S", (), {"_array": None, "_files": {0: tmp_path / "d.png"}, "path": tmp_path})(), [0])
+    with pytest.raises(InputError, match="not a readable image"):
+        ImageSet._read_file(None, tmp_path / "d.png")

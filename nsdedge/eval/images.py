@@ -125,9 +125,9 @@ class ImageSet:
         with _opened(path) as im:
             try:
                 im.load()
-            except OSError as e:                                            # truncated, or damaged data
+            except (OSError, SyntaxError, ValueError) as e:                 # truncated, or damaged data
                 raise InputError(f"{path}: not a readable image ({first_line(e)})") from None
-            if im.mode.startswith("I;16"):                                  # 16-bit grey: its own scale, not clipped
+            if _sixteen_bit_grey(im):                                       # its own scale, not clipped
                 grey = np.asarray(im, dtype=np.float32) / 65535.0
                 return np.repeat(grey[..., None], 3, axis=-1)
             return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
@@ -151,12 +151,17 @@ def _opened(path: Path):
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"{path}: not a readable image ({first_line(e)})") from None
     with im:
-        if im.mode in ("I", "F"):
+        if im.mode in ("I", "F") and not _sixteen_bit_grey(im):
             raise InputError(f"{path}: a {im.mode!r} (32-bit) image; save it as 8- or 16-bit RGB or grey")
         if min(im.size) < MIN_SIDE:
             raise InputError(f"{path}: an image of {im.size[1]}x{im.size[0]} pixels; images must be at least "
                              f"{MIN_SIDE}x{MIN_SIDE}")
         yield im
+
+
+def _sixteen_bit_grey(im) -> bool:
+    """A 16-bit grey image: Pillow's mode I;16 (from 10.3), or I for a PNG (before; a PNG has no 32-bit mode)."""
+    return im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
 
 
 def pair_keys(recons: ImageSet, reference: ImageSet) -> list[int]:

@@ -10,7 +10,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..bundle import MAX_RESOLUTION, CONSTANTS, BundleWriter, Component, Manifest, check_not_input, check_subject
+from ..bundle import (MAX_RESOLUTION, CONSTANTS, BundleWriter, Component, Manifest, check_not_input, check_subject,
+                      schedule_problem)
 from ..calibration.record import CALIBRATION_NEEDED
 from ..errors import NsdedgeError, WeightsError
 from .decoder_export import export_decoder
@@ -245,6 +246,9 @@ def _check_run_defaults(src: Sources) -> None:
     """The settings a bundle is to run with must be ones it can run: its VAE, a scheduler that takes its steps."""
     from ..runtime.schedulers import make_scheduler
 
+    problem = schedule_problem(dict(src.scheduler_config))         # what every read of the bundle will check
+    if problem:
+        raise WeightsError(f"the model's {problem}")
     rd = src.run_defaults
     if rd.get("vae") == "tiny" and src.tiny_vae is None:
         raise NsdedgeError("run defaults name the tiny VAE but there is none: add --tiny-vae")

@@ -262,10 +262,11 @@ class OrtSession:
 
     def __init__(self, path: Path | bytes, provider: str = "cpu", threads: int | None = None,
                  provider_options: dict | None = None, *, profile: str | None = None, shared_arena: bool = False,
-                 arena_bytes: int | None = None):
+                 arena_bytes: int | None = None, config: dict | None = None):
         """`path`: an ONNX file (external data beside it), or a serialised model. `shared_arena` (cuda): draw
         activations from the process's one CUDA arena (shared_cuda_arena), first region `arena_bytes` (the
-        bundle's estimate, session.arena_bytes) if it is the first to open it."""
+        bundle's estimate, session.arena_bytes) if it is the first to open it. `config`: more session config
+        entries."""
         if provider not in ORT_PROVIDERS:
             raise ProviderError(f"onnxruntime has no provider {provider!r} (choose from {', '.join(ORT_PROVIDERS)})")
         ort = onnxruntime()
@@ -288,6 +289,8 @@ class OrtSession:
             opts.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
             if provider == "cuda" and shared_arena and shared_cuda_arena(ort, 0, arena_bytes):
                 opts.add_session_config_entry("session.use_env_allocators", "1")
+        for key, value in (config or {}).items():
+            opts.add_session_config_entry(key, value)
         self._weights = None
         if provider == "cuda" and WEIGHT_BLOCK_BYTES is not None and not isinstance(path, bytes):
             self._weights = _weight_block(Path(path), opts)
