@@ -199,7 +199,7 @@ def test_too_few_trials_for_an_mlp_before_its_progress_line(tmp_path):
     one_line_error(r, "at least 4")
 
 
-def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
+def test_sigterm_during_export_leaves_nothing_behind(tiny_bundle, tmp_path):
     """SIGTERM (a scheduler's kill) ended the process at once and left export's hidden .partial folder; now it is
     cleaned up as for Ctrl-C, and the command says so."""
     import os
@@ -208,8 +208,9 @@ def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
     import sys
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "nsdedge.cli", "export", "--preset", "tiny", "--out",
-                          str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    p = subprocess.Popen([sys.executable, "-m", "nsdedge.cli", "export", "--from-bundle", str(tiny_bundle),
+                          "--precision", "fp16", "--out", str(tmp_path / "b")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     deadline = time.monotonic() + 120
     while not any(q.name.endswith(".partial") for q in tmp_path.iterdir()) and p.poll() is None:
@@ -221,17 +222,20 @@ def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_model_whose_schedule_no_bundle_could_hold_is_refused_before_tracing(tiny_weights, tmp_path):
-    """A scheduler config every read of the bundle would refuse (beta_start 0) was exported, then unreadable."""
-    sd = tmp_path / "sd"
-    shutil.copytree(tiny_weights["sd"], sd)
-    cfg = json.loads((sd / "scheduler" / "scheduler_config.json").read_text())
-    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps({**cfg, "beta_start": 0}))
-    r = run_cli("export", "--sd", str(sd), "--ip-adapter", str(tiny_weights["ip_safetensors"]), "--image-encoder",
-                str(tiny_weights["image_encoder"]), "--decoder", f"subj01={tiny_weights['decoder-synth01']}",
-                "--out", str(tmp_path / "b"))
-    one_line_error(r, "beta_start 0")
-    assert not (tmp_path / "b").exists()
+def test_a_model_whose_schedule_no_bundle_could_hold_is_refused_before_tracing():
+    """A scheduler config every read of the bundle would refuse (beta_start 0) was exported, then unreadable: export
+    checks the model's sources with the manifest's own check (bundle.schedule_problem) before tracing."""
+    import types
+
+    from nsdedge.errors import WeightsError
+    from nsdedge.export.build import _check_run_defaults
+    from nsdedge.export.presets import SD15_SCHEDULER_CONFIG
+
+    src = types.SimpleNamespace(scheduler_config={**SD15_SCHEDULER_CONFIG, "beta_start": 0}, run_defaults={},
+                                tiny_vae=None, full_vae=True)
+    with pytest.raises(WeightsError, match="beta_start 0"):
+        _check_run_defaults(src)
+    _check_run_defaults(types.SimpleNamespace(**{**vars(src), "scheduler_config": SD15_SCHEDULER_CONFIG}))
 
 
 def test_a_png_damaged_past_its_header_is_an_error_not_a_traceback(tmp_path):
