@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,24 +67,48 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
+def once_per_run(tmp_path_factory, name: str, build):
+    """`build(folder)` once per test run, not once per pytest-xdist worker: the workers of a run share the parent
+    of their base temporary folders, and the first to get there builds under a file lock while the other waits
+    (on 2 cores the two used to export the same tiny bundles side by side, each at half speed). Returns what
+    `build` returned: a Path, or a dict of Paths. Session fixtures are read-only to the tests already."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / "once-per-run"
+    root.mkdir(exist_ok=True)
+    record = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not record.exists():
+            folder = root / name
+            folder.mkdir()
+            got = build(folder)
+            record.write_text(json.dumps({k: str(v) for k, v in got.items()} if isinstance(got, dict) else str(got)))
+    saved = json.loads(record.read_text())
+    return {k: Path(v) for k, v in saved.items()} if isinstance(saved, dict) else Path(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD 1.5 + IP-Adapter-Plus + CLIP vision + decoder, saved as a user would hold them."""
     pytest.importorskip("diffusers")
     from nsdedge.export.presets import build_preset, save_weights
 
-    return save_weights(build_preset("tiny", seed=0), tmp_path_factory.mktemp("weights"))
+    return once_per_run(tmp_path_factory, "weights", lambda d: save_weights(build_preset("tiny", seed=0), d))
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_weights, tmp_path_factory) -> Path:
     """A bundle exported through the real loaders from the saved weights (subject subj01, 256 voxels)."""
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    r = run_cli("export", "--sd", str(tiny_weights["sd"]), "--ip-adapter", str(tiny_weights["ip_safetensors"]),
-                "--image-encoder", str(tiny_weights["image_encoder"]),
-                "--decoder", f"subj01={tiny_weights['decoder-synth01']}", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    return out
+    def build(folder: Path) -> Path:
+        r = run_cli("export", "--sd", str(tiny_weights["sd"]), "--ip-adapter", str(tiny_weights["ip_safetensors"]),
+                    "--image-encoder", str(tiny_weights["image_encoder"]),
+                    "--decoder", f"subj01={tiny_weights['decoder-synth01']}", "--out", str(folder / "tiny"))
+        assert r.returncode == 0, r.stderr
+        return folder / "tiny"
+    return once_per_run(tmp_path_factory, "bundles", build)
 
 
 @pytest.fixture(scope="session")
@@ -93,9 +118,10 @@ def tiny_trt_bundle(tmp_path_factory) -> Path:
     from nsdedge.export.build import export_bundle
     from nsdedge.export.presets import build_preset
 
-    out = tmp_path_factory.mktemp("trt-target") / "tiny"
-    export_bundle(build_preset("tiny"), out, target="tensorrt")
-    return out
+    def build(folder: Path) -> Path:
+        export_bundle(build_preset("tiny"), folder / "tiny", target="tensorrt")
+        return folder / "tiny"
+    return once_per_run(tmp_path_factory, "trt-target", build)
 
 
 MLP_SMALL = dict(voxels=48, hidden=32, blocks=2, projector_hidden=24)
@@ -108,16 +134,28 @@ def two_subject_bundle(tmp_path_factory) -> Path:
     torch = pytest.importorskip("torch")
     from nsdedge.decoders.mlp import BrainGuardMLP, MLPConfig
 
-    root = tmp_path_factory.mktemp("two-subjects")
-    torch.manual_seed(0)
-    mlp = BrainGuardMLP(MLPConfig(block_order="linear-ln-gelu", **MLP_SMALL)).eval()
-    mlp.x_mean.normal_()
-    mlp.x_std.uniform_(0.5, 2.0)
-    mlp.save(root / "mlp.safetensors", "ignored")
-    r = run_cli("export", "--preset", "tiny", "--decoder", f"subj02={root / 'mlp.safetensors'}", "--out",
-                str(root / "b"))
-    assert r.returncode == 0, r.stderr
-    return root / "b"
+    def build(root: Path) -> Path:
+        torch.manual_seed(0)
+        mlp = BrainGuardMLP(MLPConfig(block_order="linear-ln-gelu", **MLP_SMALL)).eval()
+        mlp.x_mean.normal_()
+        mlp.x_std.uniform_(0.5, 2.0)
+        mlp.save(root / "mlp.safetensors", "ignored")
+        r = run_cli("export", "--preset", "tiny", "--decoder", f"subj02={root / 'mlp.safetensors'}", "--out",
+                    str(root / "b"))
+        assert r.returncode == 0, r.stderr
+        return root / "b"
+    return once_per_run(tmp_path_factory, "two-subjects", build)
+
+
+def edited_manifest(src: Path, dst: Path, edit) -> Path:
+    """A copy of bundle `src` at `dst` whose manifest `edit(dict)` changed (the files and checksums as they were)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    edit(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
 
 
 def derived(fp32: Path, out: Path, precision: str, **kw) -> Path:
@@ -142,16 +180,18 @@ def tiny_lcm_weights(tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("peft")
     from nsdedge.export.presets import build_preset, save_weights
 
-    return save_weights(build_preset("tiny-lcm", seed=0), tmp_path_factory.mktemp("weights-lcm"))
+    return once_per_run(tmp_path_factory, "weights-lcm", lambda d: save_weights(build_preset("tiny-lcm", seed=0), d))
 
 
 @pytest.fixture(scope="session")
 def tiny_lcm_bundle(tiny_lcm_weights, tmp_path_factory) -> Path:
     """A few-step bundle exported through the real loaders: --lora fused, --tiny-vae beside the full VAE."""
-    out = tmp_path_factory.mktemp("bundles") / "tiny-lcm"
     w = tiny_lcm_weights
-    r = run_cli("export", "--sd", str(w["sd"]), "--ip-adapter", str(w["ip_safetensors"]), "--image-encoder",
-                str(w["image_encoder"]), "--decoder", f"subj01={w['decoder-synth01']}", "--lora", str(w["lora"]),
-                "--tiny-vae", str(w["tiny_vae"]), "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    return out
+
+    def build(folder: Path) -> Path:
+        r = run_cli("export", "--sd", str(w["sd"]), "--ip-adapter", str(w["ip_safetensors"]), "--image-encoder",
+                    str(w["image_encoder"]), "--decoder", f"subj01={w['decoder-synth01']}", "--lora",
+                    str(w["lora"]), "--tiny-vae", str(w["tiny_vae"]), "--out", str(folder / "tiny-lcm"))
+        assert r.returncode == 0, r.stderr
+        return folder / "tiny-lcm"
+    return once_per_run(tmp_path_factory, "bundles-lcm", build)

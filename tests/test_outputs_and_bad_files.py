@@ -15,6 +15,7 @@ from nsdedge.errors import BundleError, InputError, first_line
 from nsdedge.eval.images import ImageSet
 from nsdedge.runtime.batch import is_nsdedge_png, png_bytes
 from nsdedge.voxels import load_voxels
+from tests.conftest import edited_manifest
 from tests.conftest import one_line_error as _one_line_error
 from tests.conftest import run_cli
 
@@ -148,14 +149,6 @@ def test_damaged_files_are_one_line_errors(tiny_bundle, tmp_path):
     assert not (tmp_path / "o.png").exists()
 
 
-def _edit_manifest(src, dst, edit):
-    shutil.copytree(src, dst)
-    m = json.loads((dst / "manifest.json").read_text())
-    edit(m)
-    (dst / "manifest.json").write_text(json.dumps(m))
-    return dst
-
-
 @pytest.mark.parametrize("edit,needle", [
     (lambda m: m.update(vae_scale_factor=0), "image_size"),
     (lambda m: m.update(image_size=[64]), "image_size"),
@@ -167,14 +160,14 @@ def _edit_manifest(src, dst, edit):
     (lambda m: m["components"]["unet"].update(parity="x"), "parity"),
 ])
 def test_a_manifest_with_values_out_of_range_is_refused(tiny_bundle, tmp_path, edit, needle):
-    bad = _edit_manifest(tiny_bundle, tmp_path / "b", edit)
+    bad = edited_manifest(tiny_bundle, tmp_path / "b", edit)
     with pytest.raises(BundleError, match=needle) as e:
         read_manifest(bad, verify=False)
     assert str(bad / "manifest.json") in str(e.value)
 
 
 def test_info_on_an_odd_field_and_bad_options_are_one_line(tiny_bundle, tmp_path):
-    bad = _edit_manifest(tiny_bundle, tmp_path / "b", lambda m: m.update(fidelity={"precision": "int8"}))
+    bad = edited_manifest(tiny_bundle, tmp_path / "b", lambda m: m.update(fidelity={"precision": "int8"}))
     _one_line_error(run_cli("info", str(bad)), "unexpected form")
     _one_line_error(run_cli("run", "--voxels", "x.npy", "--steps", "0"), "--steps", "nsdedge run --help")
     _one_line_error(run_cli("build-engines", str(tiny_bundle), "--workspace-gb", "nan"), "--workspace-gb")

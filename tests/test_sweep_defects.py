@@ -3,7 +3,6 @@ manifests that name graphs they do not describe, NaN options, outputs inside an 
 images. Each test failed before its fix."""
 
 import hashlib
-import json
 import shutil
 import struct
 import warnings
@@ -17,7 +16,7 @@ from nsdedge.bundle import is_nsdedge_json, read_manifest
 from nsdedge.errors import BundleError, InputError
 from nsdedge.jobs import read_job
 from nsdedge.voxels import read_array
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import edited_manifest, one_line_error, run_cli
 
 
 def _npy_with_header(path, header: str):
@@ -57,15 +56,6 @@ def test_json_nested_too_deep_is_refused_not_a_recursion_error(tiny_bundle, tmp_
         read_manifest(bundle, verify=False)
 
 
-def _edited(tiny_bundle, tmp_path, edit) -> object:
-    bundle = tmp_path / "b"
-    shutil.copytree(tiny_bundle, bundle)
-    m = json.loads((bundle / "manifest.json").read_text())
-    edit(m)
-    (bundle / "manifest.json").write_text(json.dumps(m))
-    return bundle
-
-
 @pytest.mark.parametrize("edit, needle", [
     (lambda m: m["components"].pop("unet"), "must include unet"),
     (lambda m: m["components"].pop("vae_decoder"), "must include unet"),
@@ -78,7 +68,7 @@ def _edited(tiny_bundle, tmp_path, edit) -> object:
 ])
 def test_a_manifest_must_describe_a_runnable_bundle(tiny_bundle, tmp_path, edit, needle):
     with pytest.raises(BundleError, match="malformed") as e:
-        read_manifest(_edited(tiny_bundle, tmp_path, edit), verify=False)
+        read_manifest(edited_manifest(tiny_bundle, tmp_path / "b", edit), verify=False)
     assert needle in str(e.value)
 
 
@@ -88,7 +78,7 @@ def test_a_graph_that_is_not_the_one_the_manifest_describes(tiny_bundle, trial, 
     def swap(m):
         data = (tiny_bundle / "vae_decoder.onnx").read_bytes()
         m["files"]["unet.onnx"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    bundle = _edited(tiny_bundle, tmp_path, swap)
+    bundle = edited_manifest(tiny_bundle, tmp_path / "b", swap)
     shutil.copy(bundle / "vae_decoder.onnx", bundle / "unet.onnx")
     r = run_cli("run", "--voxels", str(trial), "--bundle", str(bundle), "--steps", "2", "--out", str(tmp_path / "o"))
     one_line_error(r, "unet.onnx", "the graph takes latent", "sample")
